@@ -52,7 +52,7 @@ impl Default for Config {
             max_volume_size: 16 * 1024,
             max_image_size: 1 << 40,
             fuse_threads: 4,
-            refill_window_mib: 64,
+            refill_window_mib: 16,
             log_level: "info".to_string(),
             policy: BTreeMap::new(),
         }

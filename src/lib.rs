@@ -1,8 +1,18 @@
 //! volumed: block-device volumes served as regular files through FUSE, re-imaged on request.
 
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod fuse;
+pub mod gate;
 pub mod identity;
+pub mod loopdev;
 pub mod model;
 pub mod policy;
+pub mod refill;
+pub mod sigbus;
+pub mod store;
+pub mod volume;
