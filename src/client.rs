@@ -230,7 +230,9 @@ impl Reply {
             Value::Object(mut fields) => fields
                 .remove(key)
                 .ok_or_else(|| ClientError::InvalidReply(format!("no \"{key}\" in the body"))),
-            _ => Err(ClientError::InvalidReply("the body is not an object".to_owned())),
+            _ => Err(ClientError::InvalidReply(
+                "the body is not an object".to_owned(),
+            )),
         }
     }
 }
@@ -372,12 +374,13 @@ impl Client {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|error| {
-            ClientError::Unreachable {
-                socket: self.socket.clone(),
-                error,
-            }
-        })?;
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|error| ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    error,
+                })?;
         let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ClientError::Transport)?;
@@ -673,7 +676,10 @@ mod tests {
 
         assert_eq!(text.message.as_deref(), Some("disk exploded"));
         assert_eq!(html.message, None);
-        assert_eq!(html.to_string(), "volumed failed while handling the request");
+        assert_eq!(
+            html.to_string(),
+            "volumed failed while handling the request"
+        );
     }
 
     #[test]
@@ -786,7 +792,12 @@ mod tests {
         let progress = UploadProgress::default();
 
         let reply = client
-            .upload("/v2/images/x/file", io::Cursor::new(data), Some(length), &progress)
+            .upload(
+                "/v2/images/x/file",
+                io::Cursor::new(data),
+                Some(length),
+                &progress,
+            )
             .await
             .expect("upload");
 
@@ -809,7 +820,12 @@ mod tests {
         let progress = UploadProgress::default();
 
         client
-            .upload("/v2/images/x/file", io::Cursor::new(vec![7u8; 3000]), None, &progress)
+            .upload(
+                "/v2/images/x/file",
+                io::Cursor::new(vec![7u8; 3000]),
+                None,
+                &progress,
+            )
             .await
             .expect("upload");
 
@@ -825,7 +841,12 @@ mod tests {
         let progress = UploadProgress::default();
 
         let error = client
-            .upload("/v2/images/x/file", io::Cursor::new(vec![0u8; 10]), Some(20), &progress)
+            .upload(
+                "/v2/images/x/file",
+                io::Cursor::new(vec![0u8; 10]),
+                Some(20),
+                &progress,
+            )
             .await
             .expect_err("short source");
 

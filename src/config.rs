@@ -33,6 +33,9 @@ pub struct Config {
     pub fuse_threads: usize,
     /// Size in MiB of each window of the image mapped during a refill.
     pub refill_window_mib: u64,
+    /// Upper bound of a refill's rate in MiB/s, so a re-image leaves disk bandwidth to the
+    /// other volumes; 0 means unlimited.
+    pub refill_rate_limit: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a tracing directive).
     pub log_level: String,
     /// Policy rules: action names (`volume:reimage`) and rule aliases (`admin_or_owner`) to
@@ -53,6 +56,7 @@ impl Default for Config {
             max_image_size: 1 << 40,
             fuse_threads: 4,
             refill_window_mib: 16,
+            refill_rate_limit: 0,
             log_level: "info".to_string(),
             policy: BTreeMap::new(),
         }
@@ -90,13 +94,17 @@ impl Config {
                 return Err(format!("{key}: must be an absolute path, got {path:?}"));
             }
         }
-        if self.mountpoint.starts_with(&self.state_dir) || self.state_dir.starts_with(&self.mountpoint)
+        if self.mountpoint.starts_with(&self.state_dir)
+            || self.state_dir.starts_with(&self.mountpoint)
         {
             return Err("mountpoint: must not be inside state_dir or contain it".to_string());
         }
         let mode = self.socket_mode_bits()?;
         if mode & 0o002 != 0 {
-            tracing::warn!("socket_mode {:o} lets every local user write to the socket", mode);
+            tracing::warn!(
+                "socket_mode {:o} lets every local user write to the socket",
+                mode
+            );
         }
         if self.max_volume_size == 0 {
             return Err("max_volume_size: must be at least 1 (GiB)".to_string());
@@ -105,7 +113,10 @@ impl Config {
             return Err("max_image_size: must be at least 1 (byte)".to_string());
         }
         if !(1..=64).contains(&self.fuse_threads) {
-            return Err(format!("fuse_threads: must be 1 to 64, got {}", self.fuse_threads));
+            return Err(format!(
+                "fuse_threads: must be 1 to 64, got {}",
+                self.fuse_threads
+            ));
         }
         if !(1..=1024).contains(&self.refill_window_mib) {
             return Err(format!(
@@ -164,7 +175,10 @@ mod tests {
     #[test]
     fn wrong_type_is_named() {
         let err = Config::parse("fuse_threads = \"four\"").unwrap_err();
-        assert!(err.contains("fuse_threads") || err.contains("invalid type"), "{err}");
+        assert!(
+            err.contains("fuse_threads") || err.contains("invalid type"),
+            "{err}"
+        );
     }
 
     #[test]

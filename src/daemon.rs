@@ -52,7 +52,11 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     served
 }
 
-async fn serve(engine: Arc<Engine>, config: &Config, config_path: Option<PathBuf>) -> Result<(), String> {
+async fn serve(
+    engine: Arc<Engine>,
+    config: &Config,
+    config_path: Option<PathBuf>,
+) -> Result<(), String> {
     let listener = bind_socket(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(crate::api::serve(listener, engine.clone(), stop_rx));
@@ -157,7 +161,9 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut rest = field;
     while let Some(pos) = rest.find('\\') {
         out.push_str(&rest[..pos]);
-        let code = rest.get(pos + 1..pos + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(pos + 1..pos + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(byte) => {
                 out.push(byte as char);
@@ -223,7 +229,10 @@ fn bind_socket(config: &Config) -> Result<tokio::net::UnixListener, String> {
     let listener = bound.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
 
     let mode = config.socket_mode_bits()?;
-    let group = config.socket_group.as_deref().unwrap_or(&config.admin_group);
+    let group = config
+        .socket_group
+        .as_deref()
+        .unwrap_or(&config.admin_group);
     if let Some(gid) = crate::identity::group_id(group) {
         std::os::unix::fs::chown(path, None, Some(gid))
             .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
@@ -245,7 +254,10 @@ fn set_io_flusher() {
     const PR_SET_IO_FLUSHER: libc::c_int = 57;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) } != 0 {
-        tracing::warn!("cannot set PR_SET_IO_FLUSHER: {}", io::Error::last_os_error());
+        tracing::warn!(
+            "cannot set PR_SET_IO_FLUSHER: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 

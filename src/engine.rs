@@ -79,10 +79,25 @@ const KNOWN_DISK_FORMATS: &[&str] = &[
     "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop",
 ];
 const SUPPORTED_DISK_FORMATS: &[&str] = &["raw"];
-const KNOWN_CONTAINER_FORMATS: &[&str] = &["ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed"];
+const KNOWN_CONTAINER_FORMATS: &[&str] = &[
+    "ami",
+    "ari",
+    "aki",
+    "bare",
+    "ovf",
+    "ova",
+    "docker",
+    "compressed",
+];
 const VISIBILITIES: &[&str] = &["public", "private", "shared", "community"];
-const MIGRATION_STATUSES: &[&str] =
-    &["migrating", "error", "success", "completing", "none", "starting"];
+const MIGRATION_STATUSES: &[&str] = &[
+    "migrating",
+    "error",
+    "success",
+    "completing",
+    "none",
+    "starting",
+];
 
 /// The daemon's state and rules.
 pub struct Engine {
@@ -102,7 +117,9 @@ impl Engine {
     /// The caller must hold the state directory's lock.
     pub fn open(config: Config, store: Store) -> std::result::Result<Arc<Self>, String> {
         let policy = Policy::new(&config.admin_group, &config.policy)?;
-        let mut state = store.load().map_err(|e| format!("cannot load state: {e}"))?;
+        let mut state = store
+            .load()
+            .map_err(|e| format!("cannot load state: {e}"))?;
         recover(&store, &mut state)?;
         store
             .save(&state)
@@ -147,7 +164,11 @@ impl Engine {
 
     /// The data path of the volume with inode `ino`.
     pub fn file_by_ino(&self, ino: u64) -> Option<Arc<VolumeFile>> {
-        self.files.read().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .cloned()
     }
 
     /// The data path of the volume named `name`.
@@ -187,7 +208,8 @@ impl Engine {
 
     /// Creates a volume with a sparse backing file; it is `available` at once.
     pub fn create_volume(&self, who: &Caller, req: CreateVolume) -> Result<VolumeInfo> {
-        self.policy().enforce("volume:create", who, &Target { owner_uid: None })?;
+        self.policy()
+            .enforce("volume:create", who, &Target { owner_uid: None })?;
         validate_volume_name(&req.name)?;
         self.validate_size(req.size)?;
         if let Some(description) = &req.description {
@@ -269,7 +291,8 @@ impl Engine {
     pub fn delete_volume(&self, who: &Caller, key: &str) -> Result<()> {
         let removed = self.update(|state| {
             let volume = self.visible_volume(state, who, key)?.clone();
-            self.policy().enforce("volume:delete", who, &owner(&volume))?;
+            self.policy()
+                .enforce("volume:delete", who, &owner(&volume))?;
 
             let deletable = [
                 VolumeStatus::Available,
@@ -338,7 +361,8 @@ impl Engine {
     pub fn extend(&self, who: &Caller, key: &str, new_size: u64) -> Result<()> {
         let mut state = lock(&self.state);
         let volume = self.visible_volume(&state, who, key)?.clone();
-        self.policy().enforce("volume:extend", who, &owner(&volume))?;
+        self.policy()
+            .enforce("volume:extend", who, &owner(&volume))?;
         if volume.status != VolumeStatus::Available {
             return Err(Error::new(
                 ErrorKind::InvalidStatus,
@@ -392,8 +416,11 @@ impl Engine {
         }
         let status = status
             .map(|s| {
-                VolumeStatus::parse(s)
-                    .ok_or_else(|| Error::invalid(format!("Invalid input for field/attribute status. Value: {s}.")))
+                VolumeStatus::parse(s).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "Invalid input for field/attribute status. Value: {s}."
+                    ))
+                })
             })
             .transpose()?;
         let detach = match attach_status.map(str::to_ascii_lowercase).as_deref() {
@@ -574,11 +601,14 @@ impl Engine {
             &self.store.image_path(image.id),
             image_len,
             window,
+            self.config.refill_rate_limit << 20,
             &self.stopping,
         );
         if let Err(reason) = &result {
             // A failed re-image leaves nothing of the old content and nothing half-written.
-            if let Err(e) = discard(file.backing(), file.size()).and_then(|()| file.backing().sync_data()) {
+            if let Err(e) =
+                discard(file.backing(), file.size()).and_then(|()| file.backing().sync_data())
+            {
                 tracing::error!(volume = ?volume.name, "cannot discard after failed refill: {e}");
             }
             tracing::error!(volume = ?volume.name, image = %image.id, reason = ?reason,
@@ -699,7 +729,9 @@ impl Engine {
         connector: Option<Value>,
     ) -> Result<AttachmentRecord> {
         let created = self.update(|state| {
-            let record = self.visible_volume(state, who, &volume.to_string())?.clone();
+            let record = self
+                .visible_volume(state, who, &volume.to_string())?
+                .clone();
             self.policy()
                 .enforce("volume:attachment_create", who, &owner(&record))?;
 
@@ -775,7 +807,10 @@ impl Engine {
             if volume.status.is_error_like() || volume.status == VolumeStatus::Downloading {
                 return Err(Error::new(
                     ErrorKind::Conflict,
-                    format!("Volume {} is {}; it cannot be attached now.", volume.id, volume.status),
+                    format!(
+                        "Volume {} is {}; it cannot be attached now.",
+                        volume.id, volume.status
+                    ),
                 ));
             }
 
@@ -849,8 +884,13 @@ impl Engine {
 
     /// Registers an image record (`queued`); its data comes with an upload.
     pub fn create_image(&self, who: &Caller, req: CreateImage) -> Result<ImageRecord> {
-        self.policy()
-            .enforce("image:add_image", who, &Target { owner_uid: Some(who.uid) })?;
+        self.policy().enforce(
+            "image:add_image",
+            who,
+            &Target {
+                owner_uid: Some(who.uid),
+            },
+        )?;
         let disk_format = req.disk_format.clone().unwrap_or_else(|| "raw".to_string());
         if !KNOWN_DISK_FORMATS.contains(&disk_format.as_str()) {
             return Err(Error::invalid(format!(
@@ -864,7 +904,10 @@ impl Engine {
                 SUPPORTED_DISK_FORMATS.join(", ")
             )));
         }
-        let container_format = req.container_format.clone().unwrap_or_else(|| "bare".to_string());
+        let container_format = req
+            .container_format
+            .clone()
+            .unwrap_or_else(|| "bare".to_string());
         if !KNOWN_CONTAINER_FORMATS.contains(&container_format.as_str()) {
             return Err(Error::invalid(format!(
                 "Invalid container format '{container_format}'"
@@ -875,9 +918,14 @@ impl Engine {
                 "container_format '{container_format}' is not supported; supported: bare"
             )));
         }
-        let visibility = req.visibility.clone().unwrap_or_else(|| "shared".to_string());
+        let visibility = req
+            .visibility
+            .clone()
+            .unwrap_or_else(|| "shared".to_string());
         if !VISIBILITIES.contains(&visibility.as_str()) {
-            return Err(Error::invalid(format!("Invalid visibility value: {visibility}")));
+            return Err(Error::invalid(format!(
+                "Invalid visibility value: {visibility}"
+            )));
         }
         if visibility != "private" && visibility != "shared" && !self.policy().is_admin(who) {
             return Err(Error::new(
@@ -929,8 +977,13 @@ impl Engine {
     pub fn begin_upload(self: &Arc<Self>, who: &Caller, id: Uuid) -> Result<ImageUpload> {
         self.update(|state| {
             let image = self.visible_image(state, who, &id.to_string())?.clone();
-            self.policy()
-                .enforce("image:upload_image", who, &Target { owner_uid: Some(image.owner_uid) })?;
+            self.policy().enforce(
+                "image:upload_image",
+                who,
+                &Target {
+                    owner_uid: Some(image.owner_uid),
+                },
+            )?;
             if image.status != ImageStatus::Queued {
                 return Err(Error::new(
                     ErrorKind::Conflict,
@@ -986,8 +1039,13 @@ impl Engine {
     pub fn delete_image(&self, who: &Caller, id: Uuid) -> Result<()> {
         self.update(|state| {
             let image = self.visible_image(state, who, &id.to_string())?.clone();
-            self.policy()
-                .enforce("image:delete_image", who, &Target { owner_uid: Some(image.owner_uid) })?;
+            self.policy().enforce(
+                "image:delete_image",
+                who,
+                &Target {
+                    owner_uid: Some(image.owner_uid),
+                },
+            )?;
             if image.status == ImageStatus::Saving {
                 return Err(Error::new(
                     ErrorKind::Conflict,
@@ -1008,12 +1066,24 @@ impl Engine {
 
     /// `active` → `deactivated` (administrators).
     pub fn deactivate_image(&self, who: &Caller, id: Uuid) -> Result<()> {
-        self.move_image(who, id, "image:deactivate", ImageStatus::Active, ImageStatus::Deactivated)
+        self.move_image(
+            who,
+            id,
+            "image:deactivate",
+            ImageStatus::Active,
+            ImageStatus::Deactivated,
+        )
     }
 
     /// `deactivated` → `active` (administrators).
     pub fn reactivate_image(&self, who: &Caller, id: Uuid) -> Result<()> {
-        self.move_image(who, id, "image:reactivate", ImageStatus::Deactivated, ImageStatus::Active)
+        self.move_image(
+            who,
+            id,
+            "image:reactivate",
+            ImageStatus::Deactivated,
+            ImageStatus::Active,
+        )
     }
 
     fn move_image(
@@ -1026,15 +1096,23 @@ impl Engine {
     ) -> Result<()> {
         self.update(|state| {
             let image = self.visible_image(state, who, &id.to_string())?.clone();
-            self.policy()
-                .enforce(action, who, &Target { owner_uid: Some(image.owner_uid) })?;
+            self.policy().enforce(
+                action,
+                who,
+                &Target {
+                    owner_uid: Some(image.owner_uid),
+                },
+            )?;
             if image.status == to {
                 return Ok(());
             }
             if image.status != from {
                 return Err(Error::new(
                     ErrorKind::Forbidden,
-                    format!("Not allowed to change image in status '{}'", image.status.as_str()),
+                    format!(
+                        "Not allowed to change image in status '{}'",
+                        image.status.as_str()
+                    ),
                 ));
             }
             let record = state.images.get_mut(&id).expect("looked up");
@@ -1053,7 +1131,9 @@ impl Engine {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["reimage", volume, image] => self.reimage(who, volume, image, false),
-            ["reimage", volume, image, "reimage_reserved"] => self.reimage(who, volume, image, true),
+            ["reimage", volume, image, "reimage_reserved"] => {
+                self.reimage(who, volume, image, true)
+            }
             _ => Err(Error::invalid(
                 "expected one line: reimage <volume> <image id or name> [reimage_reserved]",
             )),
@@ -1111,18 +1191,30 @@ impl Engine {
         Ok(out)
     }
 
-    fn visible_volume<'s>(&self, state: &'s State, who: &Caller, key: &str) -> Result<&'s VolumeRecord> {
+    fn visible_volume<'s>(
+        &self,
+        state: &'s State,
+        who: &Caller,
+        key: &str,
+    ) -> Result<&'s VolumeRecord> {
         let found = match key.parse::<Uuid>() {
             Ok(id) => state.volumes.get(&id),
             Err(_) => state.volumes.values().find(|v| v.name == key),
         };
         match found {
             Some(v) if self.policy().allows("volume:get", who, &owner(v)) => Ok(v),
-            _ => Err(Error::not_found(format!("Volume {key} could not be found."))),
+            _ => Err(Error::not_found(format!(
+                "Volume {key} could not be found."
+            ))),
         }
     }
 
-    fn visible_image<'s>(&self, state: &'s State, who: &Caller, key: &str) -> Result<&'s ImageRecord> {
+    fn visible_image<'s>(
+        &self,
+        state: &'s State,
+        who: &Caller,
+        key: &str,
+    ) -> Result<&'s ImageRecord> {
         let admin = self.policy().is_admin(who);
         let not_found = || Error::not_found(format!("Image {key} could not be found."));
         if let Ok(id) = key.parse::<Uuid>() {
@@ -1153,7 +1245,10 @@ impl Engine {
     ) -> Result<&'s AttachmentRecord> {
         let not_found = || Error::not_found(format!("Attachment {id} could not be found."));
         let attachment = state.attachments.get(&id).ok_or_else(not_found)?;
-        let volume = state.volumes.get(&attachment.volume_id).ok_or_else(not_found)?;
+        let volume = state
+            .volumes
+            .get(&attachment.volume_id)
+            .ok_or_else(not_found)?;
         if !self.policy().allows("volume:get", who, &owner(volume)) {
             return Err(not_found());
         }
@@ -1417,7 +1512,10 @@ fn image_metadata(image: &ImageRecord) -> std::collections::BTreeMap<String, Str
     if let Some(checksum) = &image.checksum {
         meta.insert("checksum".to_string(), checksum.clone());
     }
-    meta.insert("container_format".to_string(), image.container_format.clone());
+    meta.insert(
+        "container_format".to_string(),
+        image.container_format.clone(),
+    );
     meta.insert("disk_format".to_string(), image.disk_format.clone());
     meta.insert("min_disk".to_string(), image.min_disk.to_string());
     meta.insert("min_ram".to_string(), image.min_ram.to_string());
@@ -1543,7 +1641,10 @@ fn recover(store: &Store, state: &mut State) -> std::result::Result<(), String> 
         .attachments
         .retain(|_, a| volume_ids.contains(&a.volume_id));
 
-    for orphan in store.orphans(state).map_err(|e| format!("cannot scan state: {e}"))? {
+    for orphan in store
+        .orphans(state)
+        .map_err(|e| format!("cannot scan state: {e}"))?
+    {
         tracing::info!(path = %orphan.display(), "removing a leftover file");
         let _ = std::fs::remove_file(&orphan);
     }
@@ -1564,8 +1665,16 @@ mod tests {
         for good in ["vol1", "a", "A.b_c-d", &"x".repeat(64)] {
             validate_volume_name(good).unwrap();
         }
-        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(65), "vol\n",
-            "0f9c2d8e-1b7a-4c1e-9a57-3f6f7f5b2c11"] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            &"x".repeat(65),
+            "vol\n",
+            "0f9c2d8e-1b7a-4c1e-9a57-3f6f7f5b2c11",
+        ] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -26,10 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::engine::Engine;
@@ -106,7 +105,7 @@ impl VolumeFs {
             CONTROL => Ok(self.control_attr()),
             _ => {
                 let file = self.engine.file_by_ino(ino).ok_or(Errno::ENOENT)?;
-                volume_attr(&file).map_err(|e| Errno::from(e))
+                volume_attr(&file).map_err(Errno::from)
             }
         }
     }
@@ -232,7 +231,8 @@ impl Filesystem for VolumeFs {
 
         // Ownership and mode belong to the daemon; time updates (touch) are accepted and
         // ignored because the backing file keeps the real times.
-        let changes_owner = uid.is_some_and(|u| u != attr.uid) || gid.is_some_and(|g| g != attr.gid);
+        let changes_owner =
+            uid.is_some_and(|u| u != attr.uid) || gid.is_some_and(|g| g != attr.gid);
         let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != attr.perm);
         if changes_owner || changes_mode {
             return reply.error(Errno::EPERM);

@@ -96,7 +96,9 @@ impl Gate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
         // A panicking handler must not wedge the volume: the counters stay consistent because
         // every update is a single statement.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

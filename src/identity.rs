@@ -32,7 +32,9 @@ impl Caller {
     pub fn from_process(uid: u32, gid: u32, pid: u32) -> Self {
         let mut caller = Self::new(uid, gid);
         if let Some(groups) = supplementary_groups(uid, pid) {
-            caller.groups.extend(groups.into_iter().filter(|g| *g != gid));
+            caller
+                .groups
+                .extend(groups.into_iter().filter(|g| *g != gid));
         }
         caller
     }
@@ -68,7 +70,12 @@ fn supplementary_groups(uid: u32, pid: u32) -> Option<Vec<u32>> {
     }
 
     let groups = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
-    Some(groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+    Some(
+        groups
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
 }
 
 /// Looks up a group id by name in the system group database.

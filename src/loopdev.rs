@@ -34,7 +34,10 @@ fn flush(device: &str) {
     // SAFETY: BLKFLSBUF takes no argument and acts on the block device we opened.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), BLKFLSBUF as _, 0) };
     if rc != 0 {
-        tracing::warn!(device, "cannot flush the loop device's cache: {}",
-            std::io::Error::last_os_error());
+        tracing::warn!(
+            device,
+            "cannot flush the loop device's cache: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -36,13 +36,15 @@ pub struct RefillStats {
 
 /// Discards `volume` and fills it with the `image_len` bytes of the raw image at `image`.
 ///
-/// `window` is the mapping size in bytes (a multiple of the page size). `cancel` ends the
-/// refill early with an error. Progress is published in `volume.refill_done`.
+/// `window` is the mapping size in bytes (a multiple of the page size); `rate_limit` caps the
+/// rate in bytes per second (0: none). `cancel` ends the refill early with an error.
+/// Progress is published in `volume.refill_done`.
 pub fn refill_raw(
     volume: &VolumeFile,
     image: &Path,
     image_len: u64,
     window: usize,
+    rate_limit: u64,
     cancel: &AtomicBool,
 ) -> Result<RefillStats, String> {
     let source = File::open(image).map_err(|e| format!("cannot open image: {e}"))?;
@@ -59,6 +61,7 @@ pub fn refill_raw(
 
     let mut stats = RefillStats::default();
     let mut offset = 0u64;
+    let started = std::time::Instant::now();
     while offset < image_len {
         if cancel.load(Ordering::Acquire) {
             return Err("the refill was cancelled because volumed is stopping".to_string());
@@ -70,6 +73,7 @@ pub fn refill_raw(
         offset += len as u64;
         stats.scanned = offset;
         volume.refill_done.store(offset, Ordering::Release);
+        pace(started, offset, rate_limit);
     }
 
     volume
@@ -80,7 +84,12 @@ pub fn refill_raw(
 }
 
 /// Maps `[offset, offset + len)` of `source` and writes its non-zero blocks to the volume.
-fn refill_window(volume: &VolumeFile, source: &File, offset: u64, len: usize) -> Result<u64, String> {
+fn refill_window(
+    volume: &VolumeFile,
+    source: &File,
+    offset: u64,
+    len: usize,
+) -> Result<u64, String> {
     // SAFETY: the mapping is read-only and private to this function. The file may shrink
     // under it; the SIGBUS guard registered below absorbs faults on vanished pages.
     let map = unsafe { MmapOptions::new().offset(offset).len(len).map(source) }
@@ -113,6 +122,17 @@ fn refill_window(volume: &VolumeFile, source: &File, offset: u64, len: usize) ->
         ));
     }
     Ok(written)
+}
+
+/// Sleeps until `done` bytes are no faster than `rate_limit` bytes per second since `started`.
+fn pace(started: std::time::Instant, done: u64, rate_limit: u64) {
+    if rate_limit == 0 {
+        return;
+    }
+    let due = std::time::Duration::from_secs_f64(done as f64 / rate_limit as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }
 
 fn write_run(volume: &VolumeFile, run: &[u8], offset: u64) -> Result<u64, String> {
@@ -173,8 +193,15 @@ mod tests {
         image[3 * BLOCK + 99] = 1;
         let (_dir, vol, path) = setup(64 * 1024, &image);
 
-        let stats = refill_raw(&vol, &path, image.len() as u64, 8192, &AtomicBool::new(false))
-            .unwrap();
+        let stats = refill_raw(
+            &vol,
+            &path,
+            image.len() as u64,
+            8192,
+            0,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
 
         let mut content = vec![0u8; 64 * 1024];
         vol.read_at(&mut content, 0).unwrap();
@@ -186,14 +213,14 @@ mod tests {
     #[test]
     fn changed_image_length_fails() {
         let (_dir, vol, path) = setup(8192, &[1u8; 4096]);
-        let err = refill_raw(&vol, &path, 5000, 4096, &AtomicBool::new(false)).unwrap_err();
+        let err = refill_raw(&vol, &path, 5000, 4096, 0, &AtomicBool::new(false)).unwrap_err();
         assert!(err.contains("changed on disk"), "{err}");
     }
 
     #[test]
     fn cancel_stops_the_refill() {
         let (_dir, vol, path) = setup(1 << 20, &[1u8; 1 << 20]);
-        let err = refill_raw(&vol, &path, 1 << 20, 4096, &AtomicBool::new(true)).unwrap_err();
+        let err = refill_raw(&vol, &path, 1 << 20, 4096, 0, &AtomicBool::new(true)).unwrap_err();
         assert!(err.contains("cancelled"), "{err}");
     }
 

@@ -55,7 +55,11 @@ pub struct StateLock {
 impl Store {
     /// Uses `root`, creating it and its subdirectories (mode 0700) if needed.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for dir in [root.to_path_buf(), root.join("volumes"), root.join("images")] {
+        for dir in [
+            root.to_path_buf(),
+            root.join("volumes"),
+            root.join("images"),
+        ] {
             fs::create_dir_all(&dir)?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
         }

@@ -41,7 +41,13 @@ pub struct VolumeFile {
 
 impl VolumeFile {
     /// Opens the backing file at `path`, which must already have the volume's size.
-    pub fn open(id: Uuid, name: &str, ino: u64, owner: (u32, u32), path: &Path) -> io::Result<Self> {
+    pub fn open(
+        id: Uuid,
+        name: &str,
+        ino: u64,
+        owner: (u32, u32),
+        path: &Path,
+    ) -> io::Result<Self> {
         let file = File::options().read(true).write(true).open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
@@ -145,9 +151,12 @@ impl VolumeFile {
         }
 
         match action {
-            0 | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => {
-                fallocate(&self.file, mode | libc::FALLOC_FL_KEEP_SIZE, offset, end - offset)
-            }
+            0 | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE => fallocate(
+                &self.file,
+                mode | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                end - offset,
+            ),
             _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         }
     }
@@ -225,7 +234,12 @@ impl VolumeFile {
 pub fn fallocate(file: &File, mode: i32, offset: u64, length: u64) -> io::Result<()> {
     // SAFETY: fallocate on a descriptor we own with plain integer arguments.
     let rc = unsafe {
-        libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            length as libc::off_t,
+        )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 
 /// `GET /v3/attachments` and `GET /v3/attachments/detail`; both show the full view.
 pub async fn list(ctx: &Context) -> Result<Response<Body>> {
-    let attachments = ctx.run(|engine, who| Ok(engine.list_attachments(who))).await?;
+    let attachments = ctx
+        .run(|engine, who| Ok(engine.list_attachments(who)))
+        .await?;
 
     let views: Vec<Value> = attachments.iter().map(views::attachment).collect();
     Ok(http::json(StatusCode::OK, &json!({ "attachments": views })))
@@ -23,7 +25,9 @@ pub async fn list(ctx: &Context) -> Result<Response<Body>> {
 /// `GET /v3/attachments/{id}`.
 pub async fn show(ctx: &Context, key: String) -> Result<Response<Body>> {
     let id = attachment_id(&key)?;
-    let attachment = ctx.run(move |engine, who| engine.get_attachment(who, id)).await?;
+    let attachment = ctx
+        .run(move |engine, who| engine.get_attachment(who, id))
+        .await?;
     Ok(attachment_response(&attachment))
 }
 
@@ -129,7 +133,11 @@ fn parse_create(body: &Value) -> Result<NewAttachment> {
         }
         Some(_) => {
             let value = &attachment["mode"];
-            return Err(input::invalid_field("mode", value, "Expected \"rw\" or \"ro\"."));
+            return Err(input::invalid_field(
+                "mode",
+                value,
+                "Expected \"rw\" or \"ro\".",
+            ));
         }
     }
 

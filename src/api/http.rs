@@ -162,7 +162,9 @@ mod tests {
 
     /// The bytes of a `Full` body, which are ready without polling any I/O.
     fn futures_body_bytes(response: Response<Body>) -> Bytes {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         runtime
             .block_on(response.into_body().collect())
             .unwrap()
@@ -201,10 +203,22 @@ mod tests {
     #[test]
     fn json_media_type_allows_parameters_and_absence() {
         assert!(check_media_type(&HeaderMap::new(), JSON, false).is_ok());
-        for value in ["application/json", "Application/JSON", "application/json; charset=UTF-8"] {
-            assert!(check_media_type(&headers_with_type(value), JSON, false).is_ok(), "{value}");
+        for value in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=UTF-8",
+        ] {
+            assert!(
+                check_media_type(&headers_with_type(value), JSON, false).is_ok(),
+                "{value}"
+            );
         }
-        for value in ["text/plain", "application/jsonp", "", "application/x-www-form-urlencoded"] {
+        for value in [
+            "text/plain",
+            "application/jsonp",
+            "",
+            "application/x-www-form-urlencoded",
+        ] {
             let err = check_media_type(&headers_with_type(value), JSON, false).unwrap_err();
             assert_eq!(err.status(), 415, "{value}");
             assert_eq!(err.fault_name(), "badMediaType");

@@ -81,7 +81,9 @@ pub async fn list(ctx: &Context) -> Result<Response<Body>> {
 
 /// `GET /v2/images/{id or name}`.
 pub async fn show(ctx: &Context, key: String) -> Result<Response<Body>> {
-    let image = ctx.run(move |engine, who| engine.get_image(who, &key)).await?;
+    let image = ctx
+        .run(move |engine, who| engine.get_image(who, &key))
+        .await?;
     Ok(http::json(StatusCode::OK, &views::image(&image)))
 }
 
@@ -287,8 +289,11 @@ mod tests {
 
     #[test]
     fn read_only_and_reserved_fields_are_forbidden() {
-        for (field, word) in [("status", "read-only"), ("size", "read-only"), ("locations", "reserved")]
-        {
+        for (field, word) in [
+            ("status", "read-only"),
+            ("size", "read-only"),
+            ("locations", "reserved"),
+        ] {
             let err = parse_create(&json!({ field: "x", "bogus": 1 })).unwrap_err();
             assert_eq!(err.status(), 403, "{field}");
             assert_eq!(err.message(), format!("Attribute '{field}' is {word}."));

@@ -87,7 +87,9 @@ pub fn optional_string(object: &Object, key: &str) -> Result<Option<String>> {
 
 /// The optional UUID-like string `key` of `object`; `null` counts as absent.
 pub fn optional_uuid(object: &Object, key: &str) -> Result<Option<Uuid>> {
-    present(object, key).map(|value| uuid(value, key)).transpose()
+    present(object, key)
+        .map(|value| uuid(value, key))
+        .transpose()
 }
 
 /// `value` (the value of `field`) as a UUID-like string, see [`uuid_like`].
@@ -146,7 +148,9 @@ pub fn single_action(body: &Value) -> Result<(&str, &Value)> {
     match (entries.next(), entries.next()) {
         (Some((action, arguments)), None) => Ok((action.as_str(), arguments)),
         (None, _) => Err(Error::invalid("Malformed request body: no action given.")),
-        (Some(_), Some(_)) => Err(Error::invalid("Malformed request body: too many body keys.")),
+        (Some(_), Some(_)) => Err(Error::invalid(
+            "Malformed request body: too many body keys.",
+        )),
     }
 }
 
@@ -250,12 +254,23 @@ mod tests {
     #[test]
     fn single_action_needs_exactly_one_key() {
         let body = json!({"os-extend": {"new_size": 2}});
-        assert_eq!(single_action(&body).unwrap(), ("os-extend", &json!({"new_size": 2})));
+        assert_eq!(
+            single_action(&body).unwrap(),
+            ("os-extend", &json!({"new_size": 2}))
+        );
 
-        for body in [json!({}), json!({"a": 1, "b": 2}), json!([]), json!("os-extend")] {
+        for body in [
+            json!({}),
+            json!({"a": 1, "b": 2}),
+            json!([]),
+            json!("os-extend"),
+        ] {
             let err = single_action(&body).unwrap_err();
             assert_eq!(err.status(), 400);
-            assert!(err.message().starts_with("Malformed request body"), "{body}");
+            assert!(
+                err.message().starts_with("Malformed request body"),
+                "{body}"
+            );
         }
         let err = single_action(&json!({"a": 1, "b": 2})).unwrap_err();
         assert!(err.message().contains("too many body keys"));
@@ -279,7 +294,10 @@ mod tests {
         assert!(count(&json!(-1), "size").is_err());
         assert!(count(&json!(1.5), "size").is_err());
         assert_eq!(count(&json!(3), "size"), Ok(3));
-        assert!(string(&json!(3), "name").unwrap_err().message().contains("name"));
+        assert!(string(&json!(3), "name")
+            .unwrap_err()
+            .message()
+            .contains("name"));
     }
 
     #[test]

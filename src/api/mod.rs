@@ -146,7 +146,9 @@ impl Context {
             Err(err) => {
                 // A panicking engine call must not take the connection, let alone the daemon.
                 tracing::error!(error = %err, "engine call failed without an answer");
-                Err(Error::internal("The daemon failed while handling the request."))
+                Err(Error::internal(
+                    "The daemon failed while handling the request.",
+                ))
             }
         }
     }

@@ -135,7 +135,10 @@ pub async fn handle(ctx: &Context, request: Request<Incoming>) -> Response<Body>
     // Cinder echoes the version on every volume API response, faults included.
     if let Some(version) = version {
         let headers = response.headers_mut();
-        headers.insert(header::VARY, HeaderValue::from_static("OpenStack-API-Version"));
+        headers.insert(
+            header::VARY,
+            HeaderValue::from_static("OpenStack-API-Version"),
+        );
         if let Ok(version) = version {
             if let Ok(value) = HeaderValue::from_str(&version.header_value()) {
                 headers.insert(version::HEADER, value);
@@ -237,7 +240,10 @@ async fn dispatch(
 
         (method, route) => Err(Error::new(
             ErrorKind::MethodNotAllowed,
-            format!("Method {method} is not allowed on this resource; use {}.", route.allow()),
+            format!(
+                "Method {method} is not allowed on this resource; use {}.",
+                route.allow()
+            ),
         )),
     }
 }
@@ -282,7 +288,9 @@ fn decode_segment(raw: &str) -> Result<String> {
 
     let text = String::from_utf8(bytes).map_err(|_| bad_path())?;
     if text.chars().any(char::is_control) {
-        return Err(Error::invalid("The request path contains control characters."));
+        return Err(Error::invalid(
+            "The request path contains control characters.",
+        ));
     }
     Ok(text)
 }
@@ -308,9 +316,15 @@ mod tests {
         assert_eq!(route("/v3/volumes/"), Some(Route::Volumes));
         assert_eq!(route("/v3/volumes/detail"), Some(Route::VolumesDetail));
         assert_eq!(route("/v3/volumes/db"), Some(Route::Volume("db".into())));
-        assert_eq!(route("/v3/volumes/db/action"), Some(Route::VolumeAction("db".into())));
+        assert_eq!(
+            route("/v3/volumes/db/action"),
+            Some(Route::VolumeAction("db".into()))
+        );
         assert_eq!(route("/v3/attachments"), Some(Route::Attachments));
-        assert_eq!(route("/v3/attachments/a"), Some(Route::Attachment("a".into())));
+        assert_eq!(
+            route("/v3/attachments/a"),
+            Some(Route::Attachment("a".into()))
+        );
         assert_eq!(
             route("/v3/attachments/a/action"),
             Some(Route::AttachmentAction("a".into()))
@@ -321,7 +335,10 @@ mod tests {
     fn routes_of_the_image_api() {
         assert_eq!(route("/v2/images"), Some(Route::Images));
         assert_eq!(route("/v2/images/i"), Some(Route::Image("i".into())));
-        assert_eq!(route("/v2/images/i/file"), Some(Route::ImageFile("i".into())));
+        assert_eq!(
+            route("/v2/images/i/file"),
+            Some(Route::ImageFile("i".into()))
+        );
         assert_eq!(
             route("/v2/images/i/actions/deactivate"),
             Some(Route::ImageDeactivate("i".into()))
@@ -351,10 +368,22 @@ mod tests {
 
     #[test]
     fn path_segments_are_percent_decoded() {
-        assert_eq!(route("/v3/volumes/my%20disk"), Some(Route::Volume("my disk".into())));
-        assert_eq!(route("/v3/volumes/a%2Fb"), Some(Route::Volume("a/b".into())));
-        assert_eq!(route("/v3/volumes/%2e%2e"), Some(Route::Volume("..".into())));
-        assert_eq!(route("/v3/volumes/caf%C3%A9"), Some(Route::Volume("café".into())));
+        assert_eq!(
+            route("/v3/volumes/my%20disk"),
+            Some(Route::Volume("my disk".into()))
+        );
+        assert_eq!(
+            route("/v3/volumes/a%2Fb"),
+            Some(Route::Volume("a/b".into()))
+        );
+        assert_eq!(
+            route("/v3/volumes/%2e%2e"),
+            Some(Route::Volume("..".into()))
+        );
+        assert_eq!(
+            route("/v3/volumes/caf%C3%A9"),
+            Some(Route::Volume("café".into()))
+        );
         assert_eq!(route("/v3/%76olumes"), Some(Route::Volumes));
     }
 

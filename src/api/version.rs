@@ -135,7 +135,10 @@ mod tests {
 
     #[test]
     fn missing_header_means_oldest_version() {
-        assert_eq!(ApiVersion::from_headers(&HeaderMap::new()), Ok(ApiVersion::MIN));
+        assert_eq!(
+            ApiVersion::from_headers(&HeaderMap::new()),
+            Ok(ApiVersion::MIN)
+        );
     }
 
     #[test]
@@ -148,13 +151,23 @@ mod tests {
     #[test]
     fn versions_in_range_are_accepted() {
         for (text, minor) in [("3.0", 0), ("3.27", 27), ("3.68", 68), ("3.71", 71)] {
-            assert_eq!(ApiVersion::parse(text), Ok(ApiVersion::new(3, minor)), "{text}");
+            assert_eq!(
+                ApiVersion::parse(text),
+                Ok(ApiVersion::new(3, minor)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn versions_out_of_range_are_not_acceptable() {
-        for text in ["2.0", "3.72", "4.0", "3.99999999999999999999", "99999999999.1"] {
+        for text in [
+            "2.0",
+            "3.72",
+            "4.0",
+            "3.99999999999999999999",
+            "99999999999.1",
+        ] {
             let err = ApiVersion::parse(text).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::NotAcceptable, "{text}");
             assert_eq!(err.status(), 406);
@@ -163,12 +176,18 @@ mod tests {
 
     #[test]
     fn malformed_versions_are_bad_requests() {
-        for text in ["", "3", "3.", ".5", "3.68.1", "03.68", "3.068", "0.5", "v3.68", "3.x"] {
+        for text in [
+            "", "3", "3.", ".5", "3.68.1", "03.68", "3.068", "0.5", "v3.68", "3.x",
+        ] {
             let err = ApiVersion::parse(text).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{text:?}");
         }
         for text in ["-3.68", "+3.68", "3.6 8", "LATEST", "3,68"] {
-            assert_eq!(ApiVersion::parse(text).unwrap_err().status(), 400, "{text:?}");
+            assert_eq!(
+                ApiVersion::parse(text).unwrap_err().status(),
+                400,
+                "{text:?}"
+            );
         }
     }
 
@@ -178,7 +197,10 @@ mod tests {
         assert_eq!(ApiVersion::from_headers(&map), Ok(ApiVersion::REIMAGE));
 
         let map = headers(&["compute 2.90", "volume 3.44"]);
-        assert_eq!(ApiVersion::from_headers(&map), Ok(ApiVersion::ATTACHMENT_COMPLETE));
+        assert_eq!(
+            ApiVersion::from_headers(&map),
+            Ok(ApiVersion::ATTACHMENT_COMPLETE)
+        );
 
         let map = headers(&["compute 2.90"]);
         assert_eq!(ApiVersion::from_headers(&map), Ok(ApiVersion::MIN));

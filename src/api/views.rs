@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::engine::VolumeInfo;
-use crate::model::{AttachStatus, AttachmentRecord, ImageRecord, ReimageRecord, ReimageState};
 use crate::model::VolumeRecord;
+use crate::model::{AttachStatus, AttachmentRecord, ImageRecord, ReimageRecord, ReimageState};
 
 /// Where a volume lives in the API.
 pub fn volume_href(id: Uuid) -> String {
@@ -237,7 +237,9 @@ mod tests {
         let mut record = volume_record();
         record.bootable = true;
         record.status = VolumeStatus::Downloading;
-        record.image_metadata.insert("image_id".to_string(), IMAGE.to_string());
+        record
+            .image_metadata
+            .insert("image_id".to_string(), IMAGE.to_string());
         record.reimage = Some(ReimageRecord {
             image_id: Uuid::parse_str(IMAGE).unwrap(),
             state: ReimageState::Running,

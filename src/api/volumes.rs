@@ -19,15 +19,23 @@ pub async fn list(ctx: &Context, detail: bool) -> Result<Response<Body>> {
 
     let views: Vec<Value> = match detail {
         true => volumes.iter().map(views::volume_detail).collect(),
-        false => volumes.iter().map(|v| views::volume_summary(&v.record)).collect(),
+        false => volumes
+            .iter()
+            .map(|v| views::volume_summary(&v.record))
+            .collect(),
     };
     Ok(http::json(StatusCode::OK, &json!({ "volumes": views })))
 }
 
 /// `GET /v3/volumes/{id or name}`.
 pub async fn show(ctx: &Context, key: String) -> Result<Response<Body>> {
-    let volume = ctx.run(move |engine, who| engine.get_volume(who, &key)).await?;
-    Ok(http::json(StatusCode::OK, &json!({ "volume": views::volume_detail(&volume) })))
+    let volume = ctx
+        .run(move |engine, who| engine.get_volume(who, &key))
+        .await?;
+    Ok(http::json(
+        StatusCode::OK,
+        &json!({ "volume": views::volume_detail(&volume) }),
+    ))
 }
 
 /// `POST /v3/volumes`.
@@ -54,7 +62,8 @@ pub async fn create(ctx: &Context, body: Value) -> Result<Response<Body>> {
 
 /// `DELETE /v3/volumes/{id or name}`.
 pub async fn delete(ctx: &Context, key: String) -> Result<Response<Body>> {
-    ctx.run(move |engine, who| engine.delete_volume(who, &key)).await?;
+    ctx.run(move |engine, who| engine.delete_volume(who, &key))
+        .await?;
     Ok(http::empty(StatusCode::ACCEPTED))
 }
 
@@ -115,10 +124,10 @@ fn parse_create(body: &Value) -> Result<NewVolume> {
     let volume = input::object(volume, "volume")?;
     input::only_fields(volume, "volume", &["name", "size", "description", "owner"])?;
 
-    let name = input::present(volume, "name")
-        .ok_or_else(|| input::missing_field("volume", "name"))?;
-    let size = input::present(volume, "size")
-        .ok_or_else(|| input::missing_field("volume", "size"))?;
+    let name =
+        input::present(volume, "name").ok_or_else(|| input::missing_field("volume", "name"))?;
+    let size =
+        input::present(volume, "size").ok_or_else(|| input::missing_field("volume", "size"))?;
     let owner = match input::present(volume, "owner") {
         None => None,
         Some(Value::String(name)) => Some(Owner::UserName(name.clone())),
@@ -222,7 +231,10 @@ fn non_empty_string(object: &Object, key: &str) -> Result<Option<String>> {
 
 /// The bare 404 of an action the requested microversion does not have.
 pub fn version_not_found() -> Error {
-    Error::new(ErrorKind::VersionNotFound, "not available in this microversion")
+    Error::new(
+        ErrorKind::VersionNotFound,
+        "not available in this microversion",
+    )
 }
 
 #[cfg(test)]
@@ -261,16 +273,34 @@ mod tests {
             (json!({"volume": {"size": 1}}), "name"),
             (json!({"volume": {"name": "db"}}), "size"),
             (json!({"volume": {"name": null, "size": 1}}), "name"),
-            (json!({"volume": {"name": "db", "size": 1, "volume_type": "x"}}), "volume_type"),
-            (json!({"volume": {"name": "db", "size": 1}, "extra": 1}), "extra"),
+            (
+                json!({"volume": {"name": "db", "size": 1, "volume_type": "x"}}),
+                "volume_type",
+            ),
+            (
+                json!({"volume": {"name": "db", "size": 1}, "extra": 1}),
+                "extra",
+            ),
             (json!({"volume": {"name": 5, "size": 1}}), "name"),
             (json!({"volume": {"name": "db", "size": "1"}}), "size"),
             (json!({"volume": {"name": "db", "size": -1}}), "size"),
             (json!({"volume": {"name": "db", "size": 1.5}}), "size"),
-            (json!({"volume": {"name": "db", "size": 1, "description": 3}}), "description"),
-            (json!({"volume": {"name": "db", "size": 1, "owner": -1}}), "owner"),
-            (json!({"volume": {"name": "db", "size": 1, "owner": 4294967296u64}}), "owner"),
-            (json!({"volume": {"name": "db", "size": 1, "owner": true}}), "owner"),
+            (
+                json!({"volume": {"name": "db", "size": 1, "description": 3}}),
+                "description",
+            ),
+            (
+                json!({"volume": {"name": "db", "size": 1, "owner": -1}}),
+                "owner",
+            ),
+            (
+                json!({"volume": {"name": "db", "size": 1, "owner": 4294967296u64}}),
+                "owner",
+            ),
+            (
+                json!({"volume": {"name": "db", "size": 1, "owner": true}}),
+                "owner",
+            ),
             (json!({"volume": []}), "volume"),
             (json!([]), "body"),
         ];
@@ -295,7 +325,11 @@ mod tests {
 
     #[test]
     fn reimage_reads_string_and_json_booleans() {
-        for (value, expected) in [(json!(true), true), (json!("yes"), true), (json!("0"), false)] {
+        for (value, expected) in [
+            (json!(true), true),
+            (json!("yes"), true),
+            (json!("0"), false),
+        ] {
             let body = json!({"os-reimage": {"image_id": IMAGE, "reimage_reserved": value}});
             match parse_action(latest(), &body).unwrap() {
                 VolumeAction::Reimage { reserved, .. } => assert_eq!(reserved, expected),
@@ -329,7 +363,11 @@ mod tests {
             json!({"os-reimage": {"image_id": null}}),
             json!({"os-reimage": {"image_id": IMAGE, "force": true}}),
         ] {
-            assert_eq!(parse_action(latest(), &body).unwrap_err().status(), 400, "{body}");
+            assert_eq!(
+                parse_action(latest(), &body).unwrap_err().status(),
+                400,
+                "{body}"
+            );
         }
     }
 
@@ -376,7 +414,11 @@ mod tests {
             json!({"os-reset_status": {"status": 1}}),
             json!({"os-reset_status": {"state": "available"}}),
         ] {
-            assert_eq!(parse_action(ApiVersion::MIN, &body).unwrap_err().status(), 400, "{body}");
+            assert_eq!(
+                parse_action(ApiVersion::MIN, &body).unwrap_err().status(),
+                400,
+                "{body}"
+            );
         }
     }
 
