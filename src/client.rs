@@ -552,7 +552,6 @@ impl Body for UploadBody {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::future::Future;
     use std::sync::Mutex;
 
     use hyper::body::Incoming;
@@ -611,42 +610,40 @@ mod tests {
         (dir, socket, seen)
     }
 
-    fn respond<F>(
+    async fn respond<F>(
         request: Request<Incoming>,
         log: Arc<Mutex<Vec<Seen>>>,
         answer: Arc<F>,
-    ) -> impl Future<Output = Result<Response<Full<Bytes>>, Infallible>>
+    ) -> Result<Response<Full<Bytes>>, Infallible>
     where
         F: Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
     {
-        async move {
-            let mut seen = Seen {
-                method: request.method().to_string(),
-                path: request.uri().path().to_owned(),
-                ..Seen::default()
-            };
-            for (name, value) in request.headers() {
-                let value = value.to_str().unwrap_or_default().to_owned();
-                seen.headers.push((name.to_string(), value));
-            }
-            let mut body = request.into_body();
-            while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(data) = frame.into_data() {
-                    seen.body_len += data.len();
-                    if seen.body.len() < 4096 {
-                        seen.body.extend_from_slice(&data);
-                    }
+        let mut seen = Seen {
+            method: request.method().to_string(),
+            path: request.uri().path().to_owned(),
+            ..Seen::default()
+        };
+        for (name, value) in request.headers() {
+            let value = value.to_str().unwrap_or_default().to_owned();
+            seen.headers.push((name.to_string(), value));
+        }
+        let mut body = request.into_body();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen.body_len += data.len();
+                if seen.body.len() < 4096 {
+                    seen.body.extend_from_slice(&data);
                 }
             }
-
-            let (status, text) = answer(&seen);
-            log.lock().expect("log lock").push(seen);
-            let response = Response::builder()
-                .status(status)
-                .body(Full::new(Bytes::from(text)))
-                .expect("canned response");
-            Ok(response)
         }
+
+        let (status, text) = answer(&seen);
+        log.lock().expect("log lock").push(seen);
+        let response = Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(text)))
+            .expect("canned response");
+        Ok(response)
     }
 
     #[test]

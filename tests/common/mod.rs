@@ -30,11 +30,8 @@ pub fn require(tool: &str) {
 /// Fails the test unless it runs as root (mounts, loop devices, other users).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the integration tests must run as root"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the integration tests must run as root");
     assert!(
         Path::new("/dev/fuse").exists(),
         "the integration tests need /dev/fuse"
