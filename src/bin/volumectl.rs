@@ -1841,3 +1841,850 @@ fn main() -> ExitCode {
         Err(failure) => report(&failure),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use clap::CommandFactory;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::UnixListener;
+    use volumed::client::ApiFault;
+
+    use super::*;
+
+    const MIB_BYTES: u64 = 1 << 20;
+
+    /// One request as the fake daemon saw it.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        method: String,
+        path: String,
+        body: Vec<u8>,
+    }
+
+    impl Seen {
+        fn json(&self) -> Value {
+            serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+        }
+    }
+
+    type Answer = dyn Fn(&Seen) -> (u16, String) + Send + Sync;
+
+    /// A fake volumed on a socket in a fresh temp dir, answering with `answer`.
+    struct FakeDaemon {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl FakeDaemon {
+        fn start(answer: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static) -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let socket = dir.path().join("volumed.sock");
+            let listener = UnixListener::bind(&socket).expect("bind fake daemon");
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let answer: Arc<Answer> = Arc::new(answer);
+
+            let log = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (log, answer) = (log.clone(), answer.clone());
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        respond(request, log.clone(), answer.clone())
+                    });
+                    let connection =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    tokio::spawn(connection);
+                }
+            });
+            Self {
+                _dir: dir,
+                socket,
+                seen,
+            }
+        }
+
+        fn app(&self) -> App<Vec<u8>> {
+            test_app(Client::new(&self.socket))
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().expect("log lock").clone()
+        }
+    }
+
+    async fn respond(
+        request: Request<Incoming>,
+        log: Arc<Mutex<Vec<Seen>>>,
+        answer: Arc<Answer>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let method = request.method().to_string();
+        let path = request.uri().path().to_owned();
+        let body = match request.into_body().collect().await {
+            Ok(collected) => collected.to_bytes().to_vec(),
+            Err(_) => Vec::new(),
+        };
+        let seen = Seen { method, path, body };
+
+        let (status, text) = answer(&seen);
+        log.lock().expect("log lock").push(seen);
+        let response = Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(text)))
+            .expect("canned response");
+        Ok(response)
+    }
+
+    fn test_app(client: Client) -> App<Vec<u8>> {
+        App {
+            client,
+            json: false,
+            out: Vec::new(),
+            progress: Box::new(io::sink()),
+            progress_bar: false,
+            poll_every: Duration::from_millis(10),
+        }
+    }
+
+    fn output(app: &App<Vec<u8>>) -> String {
+        String::from_utf8_lossy(&app.out).into_owned()
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("volumectl").chain(args.iter().copied()))
+    }
+
+    fn volume_with(reimage: Value) -> String {
+        json!({"volume": {"id": "0b7e-vol", "name": "vol1", "status": "available",
+            "size": 2, "reimage": reimage}})
+        .to_string()
+    }
+
+    fn run_state(state: &str, done: u64) -> Value {
+        json!({"image_id": "img-1", "state": state, "bytes_done": done,
+            "bytes_total": 4 * MIB_BYTES, "message": "disk on fire",
+            "started_at": "2026-01-02T03:04:05.000006", "finished_at": null})
+    }
+
+    /// A daemon with image `cirros` whose volume `vol1` moves through `states` on each GET
+    /// after the re-image request, staying on the last one.
+    fn reimage_daemon(states: Vec<Value>) -> FakeDaemon {
+        let polls = AtomicUsize::new(0);
+        let requested = AtomicUsize::new(0);
+        FakeDaemon::start(
+            move |seen| match (seen.method.as_str(), seen.path.as_str()) {
+                ("GET", "/v2/images/cirros") => {
+                    (200, json!({"id": "img-1", "name": "cirros"}).to_string())
+                }
+                ("GET", "/v3/volumes/vol1") if requested.load(Ordering::SeqCst) == 0 => {
+                    (200, volume_with(Value::Null))
+                }
+                ("GET", "/v3/volumes/vol1") => {
+                    let poll = polls.fetch_add(1, Ordering::SeqCst);
+                    let state = states[poll.min(states.len() - 1)].clone();
+                    (200, volume_with(state))
+                }
+                ("POST", "/v3/volumes/vol1/action") => {
+                    requested.fetch_add(1, Ordering::SeqCst);
+                    (202, String::new())
+                }
+                _ => (404, String::new()),
+            },
+        )
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn long_help_documents_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+
+        assert!(help.contains("Exit codes:"), "{help}");
+        assert!(help.contains("5    --wait gave up"), "{help}");
+    }
+
+    #[test]
+    fn parse_reimage_with_wait_and_timeout() {
+        let cli = parse(&[
+            "reimage",
+            "vol1",
+            "cirros",
+            "--wait",
+            "--timeout",
+            "30",
+            "--json",
+        ])
+        .expect("valid command line");
+
+        assert!(cli.json);
+        let Command::Reimage(args) = cli.command else {
+            panic!("not a reimage: {:?}", cli.command);
+        };
+        assert_eq!(
+            (args.volume.as_str(), args.image.as_str()),
+            ("vol1", "cirros")
+        );
+        assert!(args.wait && !args.reserved);
+        assert_eq!(args.timeout, Some(30));
+    }
+
+    #[test]
+    fn parse_timeout_without_wait_is_a_usage_error() {
+        let error = parse(&["reimage", "vol1", "cirros", "--timeout", "5"]).expect_err("usage");
+
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn parse_refuses_zero_sizes_and_empty_names() {
+        assert!(parse(&["create", "vol1", "--size", "0"]).is_err());
+        assert!(parse(&["extend", "vol1", "0"]).is_err());
+        assert!(parse(&["show", ""]).is_err());
+        assert!(parse(&["create", "vol1"]).is_err());
+    }
+
+    #[test]
+    fn parse_owner_as_uid_or_user_name() {
+        let uid = parse(&["create", "v", "--size", "1", "--owner", "1000"]).expect("uid");
+        let name = parse(&["create", "v", "--size", "1", "--owner", "alice"]).expect("name");
+
+        let owner = |cli: Cli| match cli.command {
+            Command::Create(args) => args.owner,
+            other => panic!("not a create: {other:?}"),
+        };
+        assert_eq!(owner(uid), Some(json!(1000)));
+        assert_eq!(owner(name), Some(json!("alice")));
+    }
+
+    #[test]
+    fn parse_connector_must_be_a_json_object() {
+        let good = parse(&[
+            "attachment",
+            "update",
+            "a1",
+            "--connector",
+            r#"{"host": "n1"}"#,
+        ]);
+        let list = parse(&["attachment", "update", "a1", "--connector", "[1]"]);
+        let broken = parse(&["attachment", "update", "a1", "--connector", "{host"]);
+
+        assert!(good.is_ok());
+        assert!(list.is_err());
+        assert!(broken.is_err());
+    }
+
+    #[test]
+    fn parse_instance_must_be_a_uuid() {
+        let bad = parse(&["attachment", "create", "vol1", "--instance", "not-a-uuid"]);
+        let good = parse(&[
+            "attachment",
+            "create",
+            "vol1",
+            "--instance",
+            "4d2a8c3e-9b1f-4c55-8f0e-1a2b3c4d5e6f",
+        ]);
+
+        assert!(bad.is_err());
+        assert!(good.is_ok());
+    }
+
+    #[test]
+    fn socket_flag_beats_env_which_beats_default() {
+        let flag = Some(PathBuf::from("/tmp/a.sock"));
+        let env = Some(OsString::from("/tmp/b.sock"));
+
+        assert_eq!(socket_path(flag, env.clone()), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(socket_path(None, env), PathBuf::from("/tmp/b.sock"));
+        assert_eq!(
+            socket_path(None, Some(OsString::new())),
+            PathBuf::from(DEFAULT_SOCKET)
+        );
+        assert_eq!(socket_path(None, None), PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(MIB_BYTES - 1), "1.0 MiB");
+        assert_eq!(human_bytes(512 * MIB_BYTES), "512.0 MiB");
+        assert_eq!(human_bytes(3 * GIB / 2), "1.5 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn plain_progress_line_reads_as_sentence() {
+        assert_eq!(
+            plain_progress_line("vol1", 512 * MIB_BYTES, 2 * GIB),
+            "vol1: 512.0 MiB of 2.0 GiB (25%)"
+        );
+        assert_eq!(plain_progress_line("vol1", 1536, 0), "vol1: 1.5 KiB");
+    }
+
+    #[test]
+    fn bar_progress_line_shows_rate_and_time_left() {
+        let line = bar_progress_line("vol1", GIB, 2 * GIB, Some(64.0 * MIB));
+
+        assert!(
+            line.starts_with("vol1 [############------------]  50%"),
+            "{line}"
+        );
+        assert!(line.contains("1.0 GiB of 2.0 GiB"), "{line}");
+        assert!(line.contains("64.0 MiB/s"), "{line}");
+        assert!(line.ends_with("0:16 left"), "{line}");
+    }
+
+    #[test]
+    fn bar_progress_line_without_rate_has_no_estimate() {
+        let line = bar_progress_line("vol1", 0, GIB, None);
+
+        assert!(line.contains("[------------------------]   0%"), "{line}");
+        assert!(line.ends_with("-- MiB/s  --:-- left"), "{line}");
+    }
+
+    #[test]
+    fn percent_is_capped_and_safe_on_zero() {
+        assert_eq!(percent(5, 0), 0);
+        assert_eq!(percent(3, 4), 75);
+        assert_eq!(percent(9, 4), 100);
+        assert_eq!(percent(u64::MAX, u64::MAX), 100);
+    }
+
+    #[test]
+    fn clock_switches_to_hours() {
+        assert_eq!(clock(5), "0:05");
+        assert_eq!(clock(125), "2:05");
+        assert_eq!(clock(3725), "1:02:05");
+    }
+
+    #[test]
+    fn rate_meter_averages_and_restarts() {
+        let start = Instant::now();
+        let mut meter = RateMeter::default();
+
+        meter.record(start, 0);
+        meter.record(start + Duration::from_millis(100), MIB_BYTES);
+        assert_eq!(meter.bytes_per_second(), None);
+        meter.record(start + Duration::from_secs(2), 20 * MIB_BYTES);
+        assert_eq!(meter.bytes_per_second(), Some(10.0 * MIB));
+
+        meter.record(start + Duration::from_secs(3), 0);
+        assert_eq!(meter.bytes_per_second(), None);
+    }
+
+    #[test]
+    fn plain_progress_prints_every_two_seconds_and_the_end() {
+        let start = Instant::now();
+        let mut view = ProgressView::new("vol1", false);
+        let mut sink = Vec::new();
+
+        view.update(&mut sink, start, 0, 4 * MIB_BYTES);
+        view.update(
+            &mut sink,
+            start + Duration::from_secs(1),
+            MIB_BYTES,
+            4 * MIB_BYTES,
+        );
+        view.update(
+            &mut sink,
+            start + Duration::from_secs(2),
+            2 * MIB_BYTES,
+            4 * MIB_BYTES,
+        );
+        view.finish(&mut sink, 4 * MIB_BYTES, 4 * MIB_BYTES);
+
+        let text = String::from_utf8_lossy(&sink);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "vol1: 0 B of 4.0 MiB (0%)",
+                "vol1: 2.0 MiB of 4.0 MiB (50%)",
+                "vol1: 4.0 MiB of 4.0 MiB (100%)"
+            ]
+        );
+    }
+
+    #[test]
+    fn terminal_progress_redraws_one_line() {
+        let start = Instant::now();
+        let mut view = ProgressView::new("vol1", true);
+        let mut sink = Vec::new();
+
+        view.update(&mut sink, start, 0, MIB_BYTES);
+        view.update(
+            &mut sink,
+            start + Duration::from_secs(1),
+            MIB_BYTES,
+            MIB_BYTES,
+        );
+        view.finish(&mut sink, MIB_BYTES, MIB_BYTES);
+
+        let text = String::from_utf8_lossy(&sink);
+        assert_eq!(text.matches('\r').count(), 2, "{text:?}");
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+        assert!(
+            text.contains("100%  1.0 MiB of 1.0 MiB  1.0 MiB/s  0:00 left"),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn table_aligns_columns_and_trims_the_last() {
+        let rows = vec![
+            vec!["1".to_owned(), "a-long-name".to_owned(), "x".to_owned()],
+            vec!["22".to_owned(), "b".to_owned(), "".to_owned()],
+        ];
+
+        let text = table(&["ID", "NAME", "STATUS"], &rows);
+
+        assert_eq!(text, "ID  NAME         STATUS\n1   a-long-name  x\n22  b\n");
+    }
+
+    #[test]
+    fn show_volume_orders_flattens_and_hides_links() {
+        let volume = json!({
+            "updated_at": "later", "id": "v-1", "name": "vol1", "size": 2,
+            "links": [{"rel": "self"}], "attachments": [],
+            "reimage": {"image_id": "img-1", "state": "running",
+                "bytes_done": MIB_BYTES, "bytes_total": 4 * MIB_BYTES},
+        });
+
+        let text = show_volume(&volume);
+
+        let expected = "\
+id:                  v-1
+name:                vol1
+size:                2 GiB
+attachments:         -
+reimage.bytes_done:  1048576 (1.0 MiB of 4.0 MiB, 25%)
+reimage.bytes_total: 4194304 (4.0 MiB)
+reimage.image_id:    img-1
+reimage.state:       running
+updated_at:          later
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn show_image_renders_sizes() {
+        let image = json!({"id": "i-1", "size": 3 * GIB / 2, "min_disk": 2, "self": "/x"});
+
+        let text = show_image(&image);
+
+        assert_eq!(
+            text,
+            "id:       i-1\nsize:     1610612736 (1.5 GiB)\nmin_disk: 2 GiB\n"
+        );
+    }
+
+    #[test]
+    fn volume_row_summarises_reimage() {
+        let volume = json!({"id": "v", "name": "n", "status": "downloading", "size": 1,
+            "bootable": "false", "attachments": [{}],
+            "reimage": {"image_id": "i", "state": "running", "bytes_done": 1, "bytes_total": 4}});
+
+        let row = volume_row(&volume);
+
+        assert_eq!(
+            row,
+            [
+                "v",
+                "n",
+                "downloading",
+                "1 GiB",
+                "false",
+                "1",
+                "running 25%"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_hints_name_the_way_out() {
+        assert_eq!(
+            reimage_status_hint("vol1", Some("in-use"), false),
+            "vol1 is in-use: detach it, or re-image a reserved volume with --reserved"
+        );
+        assert!(reimage_status_hint("vol1", Some("reserved"), false).contains("--reserved"));
+        assert!(reimage_status_hint("vol1", Some("error"), true).starts_with("vol1 is error"));
+        assert!(reimage_status_hint("vol1", None, false).contains("available"));
+    }
+
+    #[test]
+    fn size_hint_computes_the_needed_size() {
+        let image = json!({"size": GIB + 1, "min_disk": 1});
+
+        let hint = reimage_size_hint("vol1", &image);
+
+        assert!(hint.contains("`volumectl extend vol1 2`"), "{hint}");
+    }
+
+    #[test]
+    fn forbidden_and_unreachable_get_hints() {
+        let forbidden = ClientError::Api(ApiFault::parse(403, b""));
+        let missing = ClientError::Unreachable {
+            socket: PathBuf::from("/run/x.sock"),
+            error: io::Error::from(io::ErrorKind::NotFound),
+        };
+
+        let forbidden = Failure::client("cannot delete volume vol1", forbidden, Subject::Volume);
+        let missing = Failure::client("cannot list volumes", missing, Subject::Volume);
+
+        assert_eq!(forbidden.code, 1);
+        assert_eq!(
+            forbidden.message,
+            "cannot delete volume vol1: permission denied"
+        );
+        assert_eq!(
+            forbidden.hint.as_deref(),
+            Some("ask an administrator or the volume's owner")
+        );
+        assert_eq!(missing.code, 3);
+        assert!(missing
+            .hint
+            .is_some_and(|hint| hint.starts_with("is volumed running?")));
+    }
+
+    #[test]
+    fn a_new_run_is_told_from_an_old_one() {
+        let old = ReimageRun::of(&json!({"reimage": run_state("succeeded", 4)}));
+        let target = WaitTarget {
+            volume: "vol1",
+            label: "vol1",
+            image_id: "img-1",
+            image_name: "cirros",
+            earlier: old.clone(),
+            timeout: None,
+        };
+        let mut newer = run_state("running", 0);
+        newer["started_at"] = json!("2026-01-02T03:04:09.000001");
+        let newer = ReimageRun::of(&json!({ "reimage": newer }));
+        let other_image = ReimageRun::of(&json!({"reimage": {"image_id": "img-2",
+            "state": "running"}}));
+
+        assert!(!target.owns(&old.expect("old run")));
+        assert!(target.owns(&newer.expect("new run")));
+        assert!(!target.owns(&other_image.expect("other run")));
+    }
+
+    #[test]
+    fn broken_pipe_ends_quietly() {
+        struct ClosedPipe;
+        impl Write for ClosedPipe {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut app = App {
+            client: Client::new("/nonexistent"),
+            json: false,
+            out: ClosedPipe,
+            progress: Box::new(io::sink()),
+            progress_bar: false,
+            poll_every: POLL_INTERVAL,
+        };
+
+        let failure = app.emit("hello").expect_err("the pipe is closed");
+
+        assert_eq!((failure.code, failure.message.as_str()), (0, ""));
+    }
+
+    #[tokio::test]
+    async fn unreachable_daemon_exits_3_with_hint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut app = test_app(Client::new(dir.path().join("none.sock")));
+
+        let failure = app.run(Command::List).await.expect_err("nothing listens");
+
+        assert_eq!(failure.code, exit::UNREACHABLE);
+        assert!(
+            failure.message.contains("no socket at"),
+            "{}",
+            failure.message
+        );
+        assert!(failure.hint.is_some_and(|hint| hint.contains("none.sock")));
+    }
+
+    #[tokio::test]
+    async fn list_prints_a_table() {
+        let daemon = FakeDaemon::start(|_| {
+            let volume = json!({"id": "v-1", "name": "vol1", "status": "available",
+                "size": 10, "bootable": "true", "attachments": [], "reimage": null});
+            (200, json!({ "volumes": [volume] }).to_string())
+        });
+        let mut app = daemon.app();
+
+        app.run(Command::List).await.expect("list");
+
+        let expected = "\
+ID   NAME  STATUS     SIZE    BOOTABLE  ATTACHED  RE-IMAGE
+v-1  vol1  available  10 GiB  true      0         -
+";
+        assert_eq!(output(&app), expected);
+        assert_eq!(daemon.seen()[0].path, "/v3/volumes/detail");
+    }
+
+    #[tokio::test]
+    async fn json_mode_acknowledges_an_empty_reply() {
+        let daemon = FakeDaemon::start(|_| (202, String::new()));
+        let mut app = daemon.app();
+        app.json = true;
+
+        app.run(Command::Delete {
+            volume: "my vol".to_owned(),
+        })
+        .await
+        .expect("delete");
+
+        let printed: Value = serde_json::from_str(&output(&app)).expect("one JSON object");
+        assert_eq!(printed["volume"], "my vol");
+        assert_eq!(daemon.seen()[0].path, "/v3/volumes/my%20vol");
+    }
+
+    #[tokio::test]
+    async fn reimage_wait_follows_the_run_to_success() {
+        let daemon = reimage_daemon(vec![
+            run_state("running", MIB_BYTES),
+            run_state("running", 3 * MIB_BYTES),
+            run_state("succeeded", 4 * MIB_BYTES),
+        ]);
+        let mut app = daemon.app();
+        let args = parse(&["reimage", "vol1", "cirros", "--wait", "--reserved"])
+            .expect("valid command line");
+
+        app.run(args.command).await.expect("re-image succeeds");
+
+        let text = output(&app);
+        assert!(
+            text.starts_with("vol1: re-imaged with image cirros (img-1)"),
+            "{text}"
+        );
+        let seen = daemon.seen();
+        let action = seen
+            .iter()
+            .find(|seen| seen.method == "POST")
+            .expect("an action");
+        assert_eq!(
+            action.json(),
+            json!({"os-reimage": {"image_id": "img-1", "reimage_reserved": true}})
+        );
+    }
+
+    #[tokio::test]
+    async fn reimage_wait_reports_failure_with_exit_4() {
+        let daemon = reimage_daemon(vec![run_state("failed", MIB_BYTES)]);
+        let mut app = daemon.app();
+        let args = parse(&["reimage", "vol1", "cirros", "--wait"]).expect("valid command line");
+
+        let failure = app.run(args.command).await.expect_err("re-image fails");
+
+        assert_eq!(failure.code, exit::REIMAGE_FAILED);
+        assert!(
+            failure.message.ends_with("failed: disk on fire"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn reimage_wait_gives_up_with_exit_5() {
+        let daemon = reimage_daemon(vec![run_state("running", MIB_BYTES)]);
+        let mut app = daemon.app();
+        let args = parse(&["reimage", "vol1", "cirros", "--wait", "--timeout", "1"])
+            .expect("valid command line");
+
+        let failure = app.run(args.command).await.expect_err("still running");
+
+        assert_eq!(failure.code, exit::TIMED_OUT);
+        assert!(
+            failure.message.contains("(still running: 1.0 MiB"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[tokio::test]
+    async fn reimage_of_in_use_volume_hints_at_detach() {
+        let daemon = FakeDaemon::start(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+            ("GET", "/v2/images/cirros") => (200, json!({"id": "img-1"}).to_string()),
+            ("GET", "/v3/volumes/vol1") => {
+                (200, json!({"volume": {"status": "in-use"}}).to_string())
+            }
+            _ => {
+                let fault = json!({"badRequest": {"code": 400,
+                    "message": "Invalid volume: status must be available or reserved"}});
+                (400, fault.to_string())
+            }
+        });
+        let mut app = daemon.app();
+        let args = parse(&["reimage", "vol1", "cirros"]).expect("valid command line");
+
+        let failure = app.run(args.command).await.expect_err("refused");
+
+        assert_eq!(failure.code, exit::REFUSED);
+        assert_eq!(
+            failure.message,
+            "cannot re-image vol1: Invalid volume: status must be available or reserved"
+        );
+        assert_eq!(
+            failure.hint.as_deref(),
+            Some("vol1 is in-use: detach it, or re-image a reserved volume with --reserved")
+        );
+    }
+
+    #[tokio::test]
+    async fn import_streams_the_file_and_prints_the_result() {
+        let daemon = FakeDaemon::start(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+            ("POST", "/v2/images") => (201, json!({"id": "img-9", "status": "queued"}).to_string()),
+            ("PUT", "/v2/images/img-9/file") => (204, String::new()),
+            _ => {
+                let image = json!({"id": "img-9", "name": "disk", "status": "active",
+                    "size": 3 * MIB_BYTES + 7, "checksum": "abc", "min_disk": 0});
+                (200, image.to_string())
+            }
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.raw");
+        std::fs::write(&file, vec![0x5a; 3 * MIB_BYTES as usize + 7]).expect("write file");
+        let mut app = daemon.app();
+        let file_arg = file.to_str().expect("utf-8 path");
+        let args = parse(&[
+            "image",
+            "import",
+            file_arg,
+            "--name",
+            "disk",
+            "--min-disk",
+            "1",
+        ])
+        .expect("valid command line");
+
+        app.run(args.command).await.expect("import");
+
+        let seen = daemon.seen();
+        assert_eq!(
+            seen[0].json(),
+            json!({"name": "disk", "disk_format": "raw", "container_format": "bare",
+                "min_disk": 1})
+        );
+        assert_eq!(seen[1].body.len(), 3 * MIB_BYTES as usize + 7);
+        let text = output(&app);
+        assert!(text.contains("id:       img-9"), "{text}");
+        assert!(text.contains("checksum: abc"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn failed_import_deletes_the_queued_image() {
+        let daemon = FakeDaemon::start(|seen| match seen.method.as_str() {
+            "POST" => (201, json!({"id": "img-9", "status": "queued"}).to_string()),
+            "PUT" => {
+                let fault = json!({"overLimit": {"code": 413, "message": "Image too large"}});
+                (413, fault.to_string())
+            }
+            _ => (204, String::new()),
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.raw");
+        std::fs::write(&file, b"data").expect("write file");
+        let mut app = daemon.app();
+        let command = Command::Image(ImageCommand::Import(ImportArgs {
+            file,
+            name: "disk".to_owned(),
+            disk_format: "raw".to_owned(),
+            container_format: "bare".to_owned(),
+            min_disk: None,
+        }));
+
+        let failure = app.run(command).await.expect_err("upload refused");
+
+        assert_eq!(failure.code, exit::REFUSED);
+        assert!(
+            failure.message.contains("Image too large"),
+            "{}",
+            failure.message
+        );
+        assert!(failure
+            .message
+            .ends_with("(deleted the queued image img-9)"));
+        let seen = daemon.seen();
+        assert_eq!(seen.last().map(|seen| seen.method.as_str()), Some("DELETE"));
+        assert_eq!(
+            seen.last().map(|seen| seen.path.as_str()),
+            Some("/v2/images/img-9")
+        );
+    }
+
+    #[tokio::test]
+    async fn import_of_missing_file_creates_nothing() {
+        let daemon = FakeDaemon::start(|_| (500, String::new()));
+        let mut app = daemon.app();
+        let args = parse(&["image", "import", "/nonexistent/disk.raw", "--name", "d"])
+            .expect("valid command line");
+
+        let failure = app.run(args.command).await.expect_err("no such file");
+
+        assert_eq!(failure.code, exit::REFUSED);
+        assert!(failure
+            .message
+            .starts_with("cannot read /nonexistent/disk.raw"));
+        assert!(daemon.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn attachment_create_resolves_the_volume_name() {
+        let daemon = FakeDaemon::start(|seen| match seen.method.as_str() {
+            "GET" => (
+                200,
+                json!({"volume": {"id": "v-uuid", "name": "vol1"}}).to_string(),
+            ),
+            _ => {
+                let attachment = json!({"id": "a-1", "status": "reserved",
+                    "volume_id": "v-uuid", "connection_info": {"driver": "local"}});
+                (200, json!({ "attachment": attachment }).to_string())
+            }
+        });
+        let mut app = daemon.app();
+        let args = parse(&[
+            "attachment",
+            "create",
+            "vol1",
+            "--connector",
+            r#"{"host":"n1"}"#,
+        ])
+        .expect("valid command line");
+
+        app.run(args.command).await.expect("attach");
+
+        let seen = daemon.seen();
+        assert_eq!(
+            seen[1].json(),
+            json!({"attachment": {"volume_uuid": "v-uuid", "connector": {"host": "n1"}}})
+        );
+        let text = output(&app);
+        assert!(
+            text.contains("connection_info: {\"driver\":\"local\"}"),
+            "{text}"
+        );
+    }
+}
