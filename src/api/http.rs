@@ -21,6 +21,12 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
 /// Time a client has to send a whole JSON body once its headers arrived.
 pub const JSON_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How much of a refused body is read and thrown away, at most, before answering.
+const DISCARD_BYTES: usize = 1024 * 1024;
+
+/// How long that may take.
+const DISCARD_TIME: Duration = Duration::from_secs(1);
+
 /// Media type of JSON request and response bodies.
 pub const JSON: &str = "application/json";
 
@@ -96,21 +102,29 @@ fn unsupported_media_type(given: Option<&HeaderValue>, expected: &str) -> Error 
 }
 
 /// Reads a JSON request body of at most [`MAX_JSON_BODY`] bytes and parses it.
-pub async fn read_json(headers: &HeaderMap, body: Incoming) -> Result<Value> {
+pub async fn read_json(headers: &HeaderMap, mut body: Incoming) -> Result<Value> {
     check_media_type(headers, JSON, false)?;
 
-    // A declared length past the cap is refused before a byte of the body is read.
+    // A declared length past the cap is refused before a byte of the body is kept.
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_JSON_BODY as u64) {
+        discard(&mut body).await;
         return Err(body_too_large());
     }
 
-    let bytes = tokio::time::timeout(JSON_BODY_TIMEOUT, collect_capped(body))
-        .await
-        .map_err(|_| Error::invalid("The request body did not arrive in time."))??;
+    let collected = tokio::time::timeout(JSON_BODY_TIMEOUT, collect_capped(&mut body)).await;
+    let bytes = match collected {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(err)) if err.kind() == ErrorKind::PayloadTooLarge => {
+            discard(&mut body).await;
+            return Err(err);
+        }
+        Ok(Err(err)) => return Err(err),
+        Err(_elapsed) => return Err(Error::invalid("The request body did not arrive in time.")),
+    };
 
     serde_json::from_slice(&bytes)
         .map_err(|err| Error::invalid(format!("Malformed request body: invalid JSON: {err}")))
@@ -118,7 +132,7 @@ pub async fn read_json(headers: &HeaderMap, body: Incoming) -> Result<Value> {
 
 /// Gathers the body frame by frame, stopping at the first byte past the cap, so a client
 /// that lies about (or omits) its length cannot make the daemon buffer more.
-async fn collect_capped(mut body: Incoming) -> Result<Vec<u8>> {
+async fn collect_capped(body: &mut Incoming) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|err| body_broken(&err))?;
@@ -131,6 +145,22 @@ async fn collect_capped(mut body: Incoming) -> Result<Vec<u8>> {
         bytes.extend_from_slice(&data);
     }
     Ok(bytes)
+}
+
+/// Reads and throws away a little more of a refused body. A client that writes its whole
+/// body before reading would otherwise meet a closed socket instead of the refusal.
+async fn discard(body: &mut Incoming) {
+    let mut budget = DISCARD_BYTES;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let length = frame.data_ref().map_or(0, Bytes::len);
+            match budget.checked_sub(length) {
+                Some(left) => budget = left,
+                None => break,
+            }
+        }
+    })
+    .await;
 }
 
 /// The refusal of a body that ended early or could not be read.
