@@ -12,6 +12,7 @@ pub mod identity;
 pub mod loopdev;
 pub mod model;
 pub mod policy;
+pub mod qcow2;
 pub mod refill;
 pub mod sigbus;
 pub mod store;

@@ -7,8 +7,7 @@ use uuid::Uuid;
 
 use super::http::{self, Body};
 use super::input;
-use super::version::ApiVersion;
-use super::volumes::version_not_found;
+use super::version::{self, ApiVersion};
 use super::{views, Context};
 use crate::error::{Error, Result};
 
@@ -66,7 +65,7 @@ pub async fn act(
     let (action, _arguments) = input::single_action(&body)?;
     match action {
         "os-complete" if !version.has(ApiVersion::ATTACHMENT_COMPLETE) => {
-            return Err(version_not_found())
+            return Err(version::not_found())
         }
         "os-complete" => {}
         other => return Err(input::no_such_action(other)),

@@ -9,11 +9,11 @@
 //!    request never says who it is.
 //! 3. hyper reads the request head, giving up on a client that takes longer than
 //!    [`HEADER_READ_TIMEOUT`] (an idle keep-alive connection counts as such a client).
-//! 4. [`router`] checks the microversion (volume API only), finds the route, reads and
-//!    checks the body ([`http`], [`input`]), and calls the resource's handler
-//!    ([`volumes`], [`attachments`], [`images`]).
+//! 4. `router` checks the microversion (volume API only), finds the route, reads and checks
+//!    the body (`http`, `input`), and calls the resource's handler (`volumes`,
+//!    `attachments`, `images`).
 //! 5. The handler calls the engine on the blocking thread pool, since the engine may fsync,
-//!    and renders the result with [`views`]; errors become OpenStack fault bodies.
+//!    and renders the result with `views`; errors become OpenStack fault bodies.
 //!
 //! On shutdown the listener stops accepting, open connections finish the request in flight
 //! and close, and whatever is still running after [`SHUTDOWN_GRACE`] is dropped.
@@ -23,6 +23,8 @@ mod http;
 mod images;
 mod input;
 mod router;
+#[cfg(test)]
+mod tests;
 mod version;
 mod views;
 mod volumes;
@@ -127,7 +129,7 @@ pub async fn serve(
 }
 
 /// What every request of one connection shares: the engine and who is calling.
-pub(crate) struct Context {
+struct Context {
     engine: Arc<Engine>,
     caller: Arc<Caller>,
 }

@@ -193,7 +193,7 @@ async fn dispatch(
     // The volume API's version is always known; the image API has none.
     let version = version.unwrap_or(ApiVersion::MIN);
     if route.since().is_some_and(|since| !version.has(since)) {
-        return Err(volumes::version_not_found());
+        return Err(version::not_found());
     }
 
     let headers = &head.headers;

@@ -113,6 +113,15 @@ impl fmt::Display for ApiVersion {
     }
 }
 
+/// The answer for an action or route the requested microversion does not have: a bare 404,
+/// so it looks as if it were not implemented at all.
+pub fn not_found() -> Error {
+    Error::new(
+        ErrorKind::VersionNotFound,
+        "not available in this microversion",
+    )
+}
+
 /// A decimal number without sign or leading zero (`0` itself is fine).
 fn is_version_number(text: &str) -> bool {
     let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());

@@ -7,10 +7,10 @@ use uuid::Uuid;
 
 use super::http::{self, Body};
 use super::input::{self, Object};
-use super::version::ApiVersion;
+use super::version::{self, ApiVersion};
 use super::{views, Context};
 use crate::engine::{CreateVolume, ResetStatus};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::identity;
 
 /// `GET /v3/volumes` (`detail` false) and `GET /v3/volumes/detail` (`detail` true).
@@ -160,7 +160,7 @@ enum VolumeAction {
 fn parse_action(version: ApiVersion, body: &Value) -> Result<VolumeAction> {
     let (action, arguments) = input::single_action(body)?;
     match action {
-        "os-reimage" if !version.has(ApiVersion::REIMAGE) => Err(version_not_found()),
+        "os-reimage" if !version.has(ApiVersion::REIMAGE) => Err(version::not_found()),
         "os-reimage" => parse_reimage(arguments),
         "os-reset_status" => parse_reset_status(arguments),
         "os-extend" => parse_extend(arguments),
@@ -229,17 +229,10 @@ fn non_empty_string(object: &Object, key: &str) -> Result<Option<String>> {
     Ok(input::optional_string(object, key)?.filter(|text| !text.is_empty()))
 }
 
-/// The bare 404 of an action the requested microversion does not have.
-pub fn version_not_found() -> Error {
-    Error::new(
-        ErrorKind::VersionNotFound,
-        "not available in this microversion",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     const IMAGE: &str = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
 

@@ -62,7 +62,7 @@ Exit codes:
   3    volumed could not be reached or did not answer
   4    the re-image waited for with --wait failed
   5    --wait gave up after --timeout (the re-image goes on in volumed)
-  130  an image import was interrupted (its queued image is deleted)";
+  130  interrupted by Ctrl-C (an import deletes its queued image; a re-image goes on)";
 
 /// Manage the volumes and images of volumed.
 #[derive(Debug, Parser)]
@@ -308,6 +308,40 @@ enum Subject {
     Attachment,
 }
 
+/// What a command was doing when a request failed: the start of its error message, and
+/// the kind of resource, which picks the hints.
+#[derive(Clone, Debug)]
+struct Task {
+    context: String,
+    subject: Subject,
+}
+
+impl Task {
+    fn volume(context: impl Into<String>) -> Self {
+        Self::about(Subject::Volume, context)
+    }
+
+    fn image(context: impl Into<String>) -> Self {
+        Self::about(Subject::Image, context)
+    }
+
+    fn attachment(context: impl Into<String>) -> Self {
+        Self::about(Subject::Attachment, context)
+    }
+
+    fn about(subject: Subject, context: impl Into<String>) -> Self {
+        Self {
+            context: context.into(),
+            subject,
+        }
+    }
+
+    /// This task's failure because of `error`.
+    fn failed(&self, error: ClientError) -> Failure {
+        Failure::client(&self.context, error, self.subject)
+    }
+}
+
 impl Failure {
     fn new(code: u8, message: impl Into<String>) -> Self {
         Self {
@@ -390,10 +424,22 @@ fn reimage_status_hint(volume: &str, status: Option<&str>, reserved: bool) -> St
             format!("{volume} is reserved: add --reserved to re-image it anyway")
         }
         Some(status) => format!(
-            "{volume} is {status}: re-image needs it available (or reserved, with --reserved)"
+            "{volume} is {status}: re-image needs it available or in error (or reserved, with \
+             --reserved)"
         ),
         None => "re-image needs an available volume, or a reserved one with --reserved".to_owned(),
     }
+}
+
+/// The status a refusal names, as Cinder words it: "... but current status is: in-use."
+fn status_in_message(message: &str) -> Option<String> {
+    let (_, rest) = message.rsplit_once("status is")?;
+    let word = rest
+        .trim_start_matches([':', ' '])
+        .split_whitespace()
+        .next()?;
+    let word = word.trim_end_matches(['.', ',', ';']);
+    (!word.is_empty()).then(|| word.to_owned())
 }
 
 /// The hint for a re-image refused because the image does not fit the volume.
@@ -957,19 +1003,18 @@ impl<O: Write> App<O> {
         }
     }
 
-    /// Sends one request; anything but a 2xx answer becomes a [`Failure`] about `context`.
+    /// Sends one request; anything but a 2xx answer becomes the failure of `task`.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
-        context: &str,
-        subject: Subject,
+        task: &Task,
     ) -> Result<Reply, Failure> {
         let outcome = self.client.request(method, path, body.as_ref(), &[]).await;
         outcome
             .and_then(Reply::success)
-            .map_err(|error| Failure::client(context, error, subject))
+            .map_err(|error| task.failed(error))
     }
 
     fn emit(&mut self, text: &str) -> Result<(), Failure> {
@@ -1004,22 +1049,15 @@ impl<O: Write> App<O> {
     }
 
     async fn list_volumes(&mut self) -> Result<(), Failure> {
-        let context = "cannot list volumes";
+        let task = Task::volume("cannot list volumes");
         let reply = self
-            .call(
-                Method::GET,
-                "/v3/volumes/detail",
-                None,
-                context,
-                Subject::Volume,
-            )
+            .call(Method::GET, "/v3/volumes/detail", None, &task)
             .await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({"volumes": []}));
         }
 
-        let volumes = listed(&reply, "volumes")
-            .map_err(|err| Failure::client(context, err, Subject::Volume))?;
+        let volumes = listed(&reply, "volumes").map_err(|err| task.failed(err))?;
         let rows: Vec<Vec<String>> = volumes.iter().map(volume_row).collect();
         let headers = [
             "ID", "NAME", "STATUS", "SIZE", "BOOTABLE", "ATTACHED", "RE-IMAGE",
@@ -1027,25 +1065,17 @@ impl<O: Write> App<O> {
         self.emit(&table(&headers, &rows))
     }
 
-    async fn get_volume(&self, volume: &str, context: &str) -> Result<(Reply, Value), Failure> {
+    async fn get_volume(&self, volume: &str, task: &Task) -> Result<(Reply, Value), Failure> {
         let reply = self
-            .call(
-                Method::GET,
-                &volume_path(volume),
-                None,
-                context,
-                Subject::Volume,
-            )
+            .call(Method::GET, &volume_path(volume), None, task)
             .await?;
-        let detail = reply
-            .member("volume")
-            .map_err(|err| Failure::client(context, err, Subject::Volume))?;
+        let detail = reply.member("volume").map_err(|err| task.failed(err))?;
         Ok((reply, detail))
     }
 
     async fn show_volume(&mut self, volume: &str) -> Result<(), Failure> {
-        let context = format!("cannot show volume {volume}");
-        let (reply, detail) = self.get_volume(volume, &context).await?;
+        let task = Task::volume(format!("cannot show volume {volume}"));
+        let (reply, detail) = self.get_volume(volume, &task).await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({}));
         }
@@ -1063,16 +1093,10 @@ impl<O: Write> App<O> {
             spec.insert("owner".into(), owner);
         }
 
-        let context = format!("cannot create volume {}", args.name);
+        let task = Task::volume(format!("cannot create volume {}", args.name));
         let body = json!({ "volume": spec });
         let reply = self
-            .call(
-                Method::POST,
-                "/v3/volumes",
-                Some(body),
-                &context,
-                Subject::Volume,
-            )
+            .call(Method::POST, "/v3/volumes", Some(body), &task)
             .await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({"volume": {"name": args.name}}));
@@ -1093,15 +1117,9 @@ impl<O: Write> App<O> {
     }
 
     async fn delete_volume(&mut self, volume: &str) -> Result<(), Failure> {
-        let context = format!("cannot delete volume {volume}");
+        let task = Task::volume(format!("cannot delete volume {volume}"));
         let reply = self
-            .call(
-                Method::DELETE,
-                &volume_path(volume),
-                None,
-                &context,
-                Subject::Volume,
-            )
+            .call(Method::DELETE, &volume_path(volume), None, &task)
             .await?;
         if self.json {
             let ack = json!({"action": "delete", "volume": volume, "accepted": true});
@@ -1111,12 +1129,10 @@ impl<O: Write> App<O> {
     }
 
     async fn extend_volume(&mut self, volume: &str, new_size: u64) -> Result<(), Failure> {
-        let context = format!("cannot extend {volume} to {new_size} GiB");
+        let task = Task::volume(format!("cannot extend {volume} to {new_size} GiB"));
         let body = json!({"os-extend": {"new_size": new_size}});
         let path = volume_action_path(volume);
-        let reply = self
-            .call(Method::POST, &path, Some(body), &context, Subject::Volume)
-            .await?;
+        let reply = self.call(Method::POST, &path, Some(body), &task).await?;
         if self.json {
             let ack = json!({"action": "os-extend", "volume": volume, "new_size": new_size,
                 "accepted": true});
@@ -1132,12 +1148,10 @@ impl<O: Write> App<O> {
             reset.insert("attach_status".into(), Value::from(attach_status.as_str()));
         }
 
-        let context = format!("cannot reset the status of {}", args.volume);
+        let task = Task::volume(format!("cannot reset the status of {}", args.volume));
         let path = volume_action_path(&args.volume);
         let body = json!({ "os-reset_status": reset });
-        let reply = self
-            .call(Method::POST, &path, Some(body), &context, Subject::Volume)
-            .await?;
+        let reply = self.call(Method::POST, &path, Some(body), &task).await?;
         if self.json {
             let ack = json!({"action": "os-reset_status", "volume": args.volume,
                 "status": args.status, "attach_status": args.attach_status, "accepted": true});
@@ -1151,33 +1165,25 @@ impl<O: Write> App<O> {
         self.emit(&line)
     }
 
-    async fn find_image(&self, image: &str, context: &str) -> Result<Value, Failure> {
+    async fn find_image(&self, image: &str, task: &Task) -> Result<Value, Failure> {
         let reply = self
-            .call(
-                Method::GET,
-                &image_path(image),
-                None,
-                context,
-                Subject::Image,
-            )
+            .call(Method::GET, &image_path(image), None, task)
             .await?;
-        reply
-            .json()
-            .map_err(|err| Failure::client(context, err, Subject::Image))
+        reply.json().map_err(|err| task.failed(err))
     }
 
     async fn reimage(&mut self, args: ReimageArgs) -> Result<(), Failure> {
-        let context = format!("cannot re-image {}", args.volume);
+        let task = Task::volume(format!("cannot re-image {}", args.volume));
 
         // The action takes an image id only, so a name is looked up first.
-        let image = self.find_image(&args.image, &context).await?;
-        let image_id = text_field(&image, "id")
-            .map_err(|err| Failure::client(&context, err, Subject::Image))?;
+        let image_task = Task::image(task.context.clone());
+        let image = self.find_image(&args.image, &image_task).await?;
+        let image_id = text_field(&image, "id").map_err(|err| image_task.failed(err))?;
         let image_name = display_name(&image, &args.image);
 
         // Remember the last run, so that waiting can tell the new one from it.
         let before = if args.wait {
-            Some(self.get_volume(&args.volume, &context).await?.1)
+            Some(self.get_volume(&args.volume, &task).await?.1)
         } else {
             None
         };
@@ -1190,7 +1196,7 @@ impl<O: Write> App<O> {
             .await;
         let reply = match outcome.and_then(Reply::success) {
             Ok(reply) => reply,
-            Err(error) => return Err(self.reimage_refused(&args, &context, &image, error).await),
+            Err(error) => return Err(self.reimage_refused(&args, &task, &image, error).await),
         };
 
         let Some(before) = before else {
@@ -1222,34 +1228,49 @@ impl<O: Write> App<O> {
     async fn reimage_refused(
         &self,
         args: &ReimageArgs,
-        context: &str,
+        task: &Task,
         image: &Value,
         error: ClientError,
     ) -> Failure {
         let fault = error.fault().cloned();
-        let failure = Failure::client(context, error, Subject::Volume);
+        let failure = task.failed(error);
         let Some(fault) = fault else {
             return failure;
         };
 
         match fault.status {
             400 if fault.mentions("status") => {
-                let status = self.volume_status(&args.volume).await;
+                let status = match self.volume_status(&args.volume).await {
+                    Some(status) => Some(status),
+                    None => fault.message.as_deref().and_then(status_in_message),
+                };
                 failure.with_hint(reimage_status_hint(
                     &args.volume,
                     status.as_deref(),
                     args.reserved,
                 ))
             }
-            400 if ["min_disk", "size", "larger", "fit"]
+            400 if ["min_disk", "mindisk", "size", "larger", "fit"]
                 .iter()
                 .any(|word| fault.mentions(word)) =>
             {
                 failure.with_hint(reimage_size_hint(&args.volume, image))
             }
+            400 if fault.mentions("not active") => failure.with_hint(format!(
+                "see `volumectl image show {0}`; a deactivated image needs \
+                 `volumectl image reactivate {0}`",
+                args.image
+            )),
+            409 if fault.mentions("re-imaged") => failure.with_hint(format!(
+                "wait for the running re-image: `volumectl show {}`",
+                args.volume
+            )),
             404 if fault.message.is_none() => Failure::new(
                 exit::REFUSED,
-                format!("{context}: volumed does not know the os-reimage action"),
+                format!(
+                    "{}: volumed does not know the os-reimage action",
+                    task.context
+                ),
             )
             .with_hint("volumed may be older than volumectl (re-image needs volume API 3.68)"),
             _ => failure,
@@ -1268,48 +1289,53 @@ impl<O: Write> App<O> {
 
     async fn wait_for_reimage(&mut self, target: &WaitTarget<'_>) -> Result<(), Failure> {
         let started = Instant::now();
+        let client = self.client.clone();
         let path = volume_path(target.volume);
         let mut view = ProgressView::new(target.label, self.progress_bar);
         let mut unreachable_since: Option<Instant> = None;
         let mut latest: Option<(Reply, Option<ReimageRun>)> = None;
+        let lost = Task::volume(format!("lost track of the re-image of {}", target.label));
+        let interrupt = tokio::signal::ctrl_c();
+        tokio::pin!(interrupt);
 
         loop {
-            match self.client.get_json(&path).await {
+            let polled = tokio::select! {
+                polled = client.get_json(&path) => Some(polled),
+                _ = &mut interrupt => None,
+            };
+            let Some(polled) = polled else {
+                return Err(self.stop_waiting(target, &mut view, latest.as_ref()));
+            };
+
+            match polled {
                 Ok(reply) => {
                     unreachable_since = None;
-                    let detail = reply.member("volume").map_err(|err| {
-                        Failure::client("cannot follow the re-image", err, Subject::Volume)
-                    })?;
+                    let detail = reply.member("volume").map_err(|err| lost.failed(err))?;
                     let run = ReimageRun::of(&detail).filter(|run| target.owns(run));
-                    if let Some(run) = &run {
-                        match run.state.as_str() {
-                            "succeeded" => {
+                    match &run {
+                        Some(run) => {
+                            view.update(
+                                &mut *self.progress,
+                                Instant::now(),
+                                run.bytes_done,
+                                run.bytes_total,
+                            );
+                            if run.state == "succeeded" || run.state == "failed" {
                                 view.finish(&mut *self.progress, run.bytes_done, run.bytes_total);
-                                return self.report_reimaged(target, &reply, &detail, started);
-                            }
-                            "failed" => {
-                                view.finish(&mut *self.progress, run.bytes_done, run.bytes_total);
-                                return self.report_reimage_failed(target, &reply, &detail, run);
-                            }
-                            _ => {
-                                let now = Instant::now();
-                                view.update(
-                                    &mut *self.progress,
-                                    now,
-                                    run.bytes_done,
-                                    run.bytes_total,
-                                )
+                                return self.report_end(target, &reply, &detail, run, started);
                             }
                         }
-                    } else if started.elapsed() >= REPORT_GRACE {
-                        return Err(Failure::new(
-                            exit::REFUSED,
-                            format!(
-                                "volumed accepted the re-image of {} but does not report it",
-                                target.label
-                            ),
-                        )
-                        .with_hint(format!("check `volumectl show {}`", target.volume)));
+                        None if started.elapsed() >= REPORT_GRACE => {
+                            return Err(Failure::new(
+                                exit::REFUSED,
+                                format!(
+                                    "volumed accepted the re-image of {} but does not report it",
+                                    target.label
+                                ),
+                            )
+                            .with_hint(format!("check `volumectl show {}`", target.volume)));
+                        }
+                        None => {}
                     }
                     latest = Some((reply, run));
                 }
@@ -1320,14 +1346,12 @@ impl<O: Write> App<O> {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= UNREACHABLE_GRACE {
                         view.finish(&mut *self.progress, 0, 0);
-                        let context = format!("lost track of the re-image of {}", target.label);
-                        return Err(Failure::client(&context, error, Subject::Volume));
+                        return Err(lost.failed(error));
                     }
                 }
                 Err(error) => {
                     view.finish(&mut *self.progress, 0, 0);
-                    let context = format!("lost track of the re-image of {}", target.label);
-                    return Err(Failure::client(&context, error, Subject::Volume));
+                    return Err(lost.failed(error));
                 }
             }
 
@@ -1339,8 +1363,48 @@ impl<O: Write> App<O> {
                 }
                 pause = pause.min(limit - waited);
             }
-            tokio::time::sleep(pause).await;
+            let interrupted = tokio::select! {
+                _ = tokio::time::sleep(pause) => false,
+                _ = &mut interrupt => true,
+            };
+            if interrupted {
+                return Err(self.stop_waiting(target, &mut view, latest.as_ref()));
+            }
         }
+    }
+
+    /// Ctrl-C while waiting stops the wait, not the re-image.
+    fn stop_waiting(
+        &mut self,
+        target: &WaitTarget<'_>,
+        view: &mut ProgressView,
+        latest: Option<&(Reply, Option<ReimageRun>)>,
+    ) -> Failure {
+        let run = latest.and_then(|(_, run)| run.as_ref());
+        let (done, total) = run.map_or((0, 0), |run| (run.bytes_done, run.bytes_total));
+        view.finish(&mut *self.progress, done, total);
+        Failure::new(
+            exit::INTERRUPTED,
+            format!(
+                "stopped waiting; the re-image of {} goes on in volumed",
+                target.label
+            ),
+        )
+        .with_hint(format!("follow it with `volumectl show {}`", target.volume))
+    }
+
+    fn report_end(
+        &mut self,
+        target: &WaitTarget<'_>,
+        reply: &Reply,
+        detail: &Value,
+        run: &ReimageRun,
+        started: Instant,
+    ) -> Result<(), Failure> {
+        if run.state == "failed" {
+            return self.report_reimage_failed(target, reply, detail, run);
+        }
+        self.report_reimaged(target, reply, detail, started)
     }
 
     fn report_reimaged(
@@ -1407,13 +1471,19 @@ impl<O: Write> App<O> {
         }
 
         let state = match run {
-            Some(run) => plain_progress_line("still running", run.bytes_done, run.bytes_total),
-            None => "not started yet".to_owned(),
+            Some(run) if run.bytes_total > 0 => format!(
+                "still running, {} of {} ({}%)",
+                human_bytes(run.bytes_done),
+                human_bytes(run.bytes_total),
+                percent(run.bytes_done, run.bytes_total)
+            ),
+            Some(run) => format!("still running, {} written", human_bytes(run.bytes_done)),
+            None => "volumed has not started it yet".to_owned(),
         };
         Err(Failure::new(
             exit::TIMED_OUT,
             format!(
-                "gave up waiting for the re-image of {} after {} s ({state})",
+                "gave up waiting for the re-image of {} after {} s: {state}",
                 target.label,
                 limit.as_secs()
             ),
@@ -1425,58 +1495,41 @@ impl<O: Write> App<O> {
     }
 
     async fn list_images(&mut self) -> Result<(), Failure> {
-        let context = "cannot list images";
-        let reply = self
-            .call(Method::GET, "/v2/images", None, context, Subject::Image)
-            .await?;
+        let task = Task::image("cannot list images");
+        let reply = self.call(Method::GET, "/v2/images", None, &task).await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({"images": []}));
         }
 
-        let images = listed(&reply, "images")
-            .map_err(|err| Failure::client(context, err, Subject::Image))?;
+        let images = listed(&reply, "images").map_err(|err| task.failed(err))?;
         let rows: Vec<Vec<String>> = images.iter().map(image_row).collect();
         let headers = ["ID", "NAME", "STATUS", "FORMAT", "SIZE", "MIN DISK"];
         self.emit(&table(&headers, &rows))
     }
 
     async fn show_image(&mut self, image: &str) -> Result<(), Failure> {
-        let context = format!("cannot show image {image}");
+        let task = Task::image(format!("cannot show image {image}"));
         let reply = self
-            .call(
-                Method::GET,
-                &image_path(image),
-                None,
-                &context,
-                Subject::Image,
-            )
+            .call(Method::GET, &image_path(image), None, &task)
             .await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({}));
         }
-        let detail = reply
-            .json()
-            .map_err(|err| Failure::client(&context, err, Subject::Image))?;
+        let detail = reply.json().map_err(|err| task.failed(err))?;
         self.emit(&show_image(&detail))
     }
 
     /// Looks an image up by id or name and returns its id, for routes that take only ids.
-    async fn image_id(&self, image: &str, context: &str) -> Result<String, Failure> {
-        let detail = self.find_image(image, context).await?;
-        text_field(&detail, "id").map_err(|err| Failure::client(context, err, Subject::Image))
+    async fn image_id(&self, image: &str, task: &Task) -> Result<String, Failure> {
+        let detail = self.find_image(image, task).await?;
+        text_field(&detail, "id").map_err(|err| task.failed(err))
     }
 
     async fn delete_image(&mut self, image: &str) -> Result<(), Failure> {
-        let context = format!("cannot delete image {image}");
-        let id = self.image_id(image, &context).await?;
+        let task = Task::image(format!("cannot delete image {image}"));
+        let id = self.image_id(image, &task).await?;
         let reply = self
-            .call(
-                Method::DELETE,
-                &image_path(&id),
-                None,
-                &context,
-                Subject::Image,
-            )
+            .call(Method::DELETE, &image_path(&id), None, &task)
             .await?;
         if self.json {
             let ack = json!({"action": "delete", "image": image, "image_id": id});
@@ -1486,12 +1539,10 @@ impl<O: Write> App<O> {
     }
 
     async fn image_action(&mut self, image: &str, action: &str) -> Result<(), Failure> {
-        let context = format!("cannot {action} image {image}");
-        let id = self.image_id(image, &context).await?;
+        let task = Task::image(format!("cannot {action} image {image}"));
+        let id = self.image_id(image, &task).await?;
         let path = format!("{}/actions/{action}", image_path(&id));
-        let reply = self
-            .call(Method::POST, &path, None, &context, Subject::Image)
-            .await?;
+        let reply = self.call(Method::POST, &path, None, &task).await?;
         if self.json {
             let ack = json!({"action": action, "image": image, "image_id": id});
             return self.emit_json_reply(&reply, ack);
@@ -1519,7 +1570,7 @@ impl<O: Write> App<O> {
         // Only a regular file has a length to announce; a pipe or device is sent chunked.
         let length = metadata.is_file().then_some(metadata.len());
 
-        let context = format!("cannot create image {}", args.name);
+        let task = Task::image(format!("cannot create image {}", args.name));
         let mut spec = Map::new();
         spec.insert("name".into(), Value::from(args.name.as_str()));
         spec.insert("disk_format".into(), Value::from(args.disk_format.as_str()));
@@ -1531,19 +1582,10 @@ impl<O: Write> App<O> {
             spec.insert("min_disk".into(), Value::from(min_disk));
         }
         let reply = self
-            .call(
-                Method::POST,
-                "/v2/images",
-                Some(Value::Object(spec)),
-                &context,
-                Subject::Image,
-            )
+            .call(Method::POST, "/v2/images", Some(Value::Object(spec)), &task)
             .await?;
-        let created = reply
-            .json()
-            .map_err(|err| Failure::client(&context, err, Subject::Image))?;
-        let id = text_field(&created, "id")
-            .map_err(|err| Failure::client(&context, err, Subject::Image))?;
+        let created = reply.json().map_err(|err| task.failed(err))?;
+        let id = text_field(&created, "id").map_err(|err| task.failed(err))?;
 
         let uploaded = self
             .upload_file(file, length, &id, &args.name, &shown_file)
@@ -1611,14 +1653,14 @@ impl<O: Write> App<O> {
         };
         view.finish(&mut *self.progress, progress.bytes_sent(), total);
 
-        let context = format!("uploading {shown_file} into image {name} failed");
+        let task = Task::image(format!("uploading {shown_file} into image {name} failed"));
         match outcome.and_then(Reply::success) {
             Ok(_) => Ok(()),
             Err(ClientError::Upload(err)) => Err(Failure::new(
                 exit::REFUSED,
                 format!("cannot read {shown_file}: {err}"),
             )),
-            Err(error) => Err(Failure::client(&context, error, Subject::Image)),
+            Err(error) => Err(task.failed(error)),
         }
     }
 
@@ -1662,12 +1704,11 @@ impl<O: Write> App<O> {
         instance: Option<uuid::Uuid>,
         connector: Option<Value>,
     ) -> Result<(), Failure> {
-        let context = format!("cannot attach {volume}");
+        let task = Task::volume(format!("cannot attach {volume}"));
 
         // Attachments name volumes by id only.
-        let (_, detail) = self.get_volume(volume, &context).await?;
-        let volume_id = text_field(&detail, "id")
-            .map_err(|err| Failure::client(&context, err, Subject::Volume))?;
+        let (_, detail) = self.get_volume(volume, &task).await?;
+        let volume_id = text_field(&detail, "id").map_err(|err| task.failed(err))?;
 
         let mut spec = Map::new();
         spec.insert("volume_uuid".into(), Value::from(volume_id));
@@ -1679,77 +1720,48 @@ impl<O: Write> App<O> {
         }
         let body = json!({ "attachment": spec });
         let reply = self
-            .call(
-                Method::POST,
-                "/v3/attachments",
-                Some(body),
-                &context,
-                Subject::Attachment,
-            )
+            .call(Method::POST, "/v3/attachments", Some(body), &task)
             .await?;
-        self.print_attachment(&reply, &context)
+        self.print_attachment(&reply, &task)
     }
 
-    fn print_attachment(&mut self, reply: &Reply, context: &str) -> Result<(), Failure> {
+    fn print_attachment(&mut self, reply: &Reply, task: &Task) -> Result<(), Failure> {
         if self.json {
             return self.emit_json_reply(reply, json!({}));
         }
-        let attachment = reply
-            .member("attachment")
-            .map_err(|err| Failure::client(context, err, Subject::Attachment))?;
+        let attachment = reply.member("attachment").map_err(|err| task.failed(err))?;
         self.emit(&show_attachment(&attachment))
     }
 
     async fn list_attachments(&mut self) -> Result<(), Failure> {
-        let context = "cannot list attachments";
+        let task = Task::attachment("cannot list attachments");
         let reply = self
-            .call(
-                Method::GET,
-                "/v3/attachments",
-                None,
-                context,
-                Subject::Attachment,
-            )
+            .call(Method::GET, "/v3/attachments", None, &task)
             .await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({"attachments": []}));
         }
 
-        let attachments = listed(&reply, "attachments")
-            .map_err(|err| Failure::client(context, err, Subject::Attachment))?;
+        let attachments = listed(&reply, "attachments").map_err(|err| task.failed(err))?;
         let rows: Vec<Vec<String>> = attachments.iter().map(attachment_row).collect();
         let headers = ["ID", "VOLUME", "STATUS", "INSTANCE", "MODE"];
         self.emit(&table(&headers, &rows))
     }
 
     async fn update_attachment(&mut self, id: &str, connector: Value) -> Result<(), Failure> {
-        let context = format!("cannot update attachment {id}");
+        let task = Task::attachment(format!("cannot update attachment {id}"));
         let body = json!({"attachment": {"connector": connector}});
         let reply = self
-            .call(
-                Method::PUT,
-                &attachment_path(id),
-                Some(body),
-                &context,
-                Subject::Attachment,
-            )
+            .call(Method::PUT, &attachment_path(id), Some(body), &task)
             .await?;
-        self.print_attachment(&reply, &context)
+        self.print_attachment(&reply, &task)
     }
 
     async fn complete_attachment(&mut self, id: &str) -> Result<(), Failure> {
-        let context = format!("cannot complete attachment {id}");
+        let task = Task::attachment(format!("cannot complete attachment {id}"));
         let path = format!("{}/action", attachment_path(id));
         let body = json!({"os-complete": null});
-        let reply = self
-            .call(
-                Method::POST,
-                &path,
-                Some(body),
-                &context,
-                Subject::Attachment,
-            )
-            .await?;
+        let reply = self.call(Method::POST, &path, Some(body), &task).await?;
         if self.json {
             return self
                 .emit_json_reply(&reply, json!({"action": "os-complete", "attachment": id}));
@@ -1758,15 +1770,9 @@ impl<O: Write> App<O> {
     }
 
     async fn delete_attachment(&mut self, id: &str) -> Result<(), Failure> {
-        let context = format!("cannot delete attachment {id}");
+        let task = Task::attachment(format!("cannot delete attachment {id}"));
         let reply = self
-            .call(
-                Method::DELETE,
-                &attachment_path(id),
-                None,
-                &context,
-                Subject::Attachment,
-            )
+            .call(Method::DELETE, &attachment_path(id), None, &task)
             .await?;
         if self.json {
             return self.emit_json_reply(&reply, json!({"action": "delete", "attachment": id}));
@@ -2329,6 +2335,16 @@ updated_at:          later
     }
 
     #[test]
+    fn status_is_read_from_a_cinder_message() {
+        let message = "Invalid volume: Volume status must be available or reserved, but \
+                       current status is: in-use.";
+
+        assert_eq!(status_in_message(message).as_deref(), Some("in-use"));
+        assert_eq!(status_in_message("Invalid volume"), None);
+        assert_eq!(status_in_message("the status is: "), None);
+    }
+
+    #[test]
     fn size_hint_computes_the_needed_size() {
         let image = json!({"size": GIB + 1, "min_disk": 1});
 
@@ -2517,11 +2533,8 @@ v-1  vol1  available  10 GiB  true      0         -
         let failure = app.run(args.command).await.expect_err("still running");
 
         assert_eq!(failure.code, exit::TIMED_OUT);
-        assert!(
-            failure.message.contains("(still running: 1.0 MiB"),
-            "{}",
-            failure.message
-        );
+        let expected = ": still running, 1.0 MiB of 4.0 MiB (25%)";
+        assert!(failure.message.ends_with(expected), "{}", failure.message);
     }
 
     #[tokio::test]
