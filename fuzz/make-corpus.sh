@@ -38,21 +38,22 @@ image v3-512-snapshot.qcow2 cluster_size=512 32k 'write -P 0x11 0 2k'
 qemu-img snapshot -c first "$work/v3-512-snapshot.qcow2"
 qemu-io -f qcow2 -c 'write -P 0x22 1k 2k' "$work/v3-512-snapshot.qcow2" >/dev/null
 
-# qemu-img makes extended L2 images of at least five 16 KiB clusters; this one is laid out by
-# hand (header, L1, L2, then a partial data cluster; no refcount table) to stay small.
+# qemu-img makes extended L2 images of at least six 16 KiB clusters; this one is laid out by
+# hand to stay small: header, an empty refcount table, L2 table, data, then the L1 table.
 python3 - "$work/extended-16k.qcow2" <<'PY'
 import struct, sys
 cluster = 16384
 header = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, 0, 0, 14, 1 << 20, 0, 1,
-                     cluster, 0, 0, 0, 0, 1 << 4, 0, 0, 4, 112)
+                     4 * cluster, cluster, 1, 0, 0, 1 << 4, 0, 0, 4, 112)
 image = bytearray(header.ljust(cluster, b"\0"))
-image += struct.pack(">Q", 2 * cluster | 1 << 63).ljust(cluster, b"\0")
+image += bytes(cluster)
 l2 = bytearray(cluster)
 # Cluster 0: subclusters 0-1 allocated, 2 zero, 3 allocated; cluster 1: subclusters zero.
 l2[0:16] = struct.pack(">QQ", 3 * cluster | 1 << 63, 0b1011 | 0b0100 << 32)
 l2[16:32] = struct.pack(">QQ", 0, 0xffff << 32)
 image += l2
-image += bytes(range(256)) * 8
+image += bytes(range(256)) * (cluster // 256)
+image += struct.pack(">Q", 2 * cluster | 1 << 63)
 open(sys.argv[1], "wb").write(image)
 PY
 

@@ -190,6 +190,8 @@ pub enum Qcow2Error {
     CompressionBitMismatch(u8),
     #[error("refcount order {0} is invalid; the maximum is 6")]
     InvalidRefcountOrder(u32),
+    #[error("the image has no refcount table")]
+    NoRefcountTable,
     #[error("extended L2 entries need clusters of at least 16 KiB, not {0} bytes")]
     SubclustersTooSmall(u64),
     #[error("the virtual size of {0} bytes is too large")]
@@ -1096,6 +1098,10 @@ impl Header {
         if has_compression_bit != (self.compression_type != 0) {
             return Err(Qcow2Error::CompressionBitMismatch(self.compression_type));
         }
+        // qemu will not open such an image either.
+        if self.refcount_table_clusters == 0 {
+            return Err(Qcow2Error::NoRefcountTable);
+        }
         if self.refcount_order > 6 {
             return Err(Qcow2Error::InvalidRefcountOrder(self.refcount_order));
         }
@@ -1256,6 +1262,7 @@ mod tests {
     const L1_SIZE_AT: usize = 36;
     const L1_OFFSET_AT: usize = 40;
     const REFCOUNT_TABLE_AT: usize = 48;
+    const REFCOUNT_CLUSTERS_AT: usize = 56;
     const INCOMPAT_AT: usize = 72;
     const AUTOCLEAR_AT: usize = 88;
     const HEADER_LENGTH_AT: usize = 100;
@@ -1268,7 +1275,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("cannot run {program} (`make deps` installs it): {e}"));
         assert!(
             output.status.success(),
-            "{program} {args:?} failed: {}",
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -1437,17 +1445,19 @@ mod tests {
         (l2 + cluster % entries * entry_len) as usize
     }
 
-    /// A version 3 image made by hand: header, an L1 table of zeros in cluster 1, no
-    /// refcount table.
+    /// A version 3 image made by hand: header, an empty refcount table in cluster 1 and an L1
+    /// table of zeros in cluster 2.
     fn hand_made(cluster_bits: u32, size: u64, l1_size: u32) -> Vec<u8> {
         let cluster = 1usize << cluster_bits;
-        let mut bytes = vec![0u8; cluster + l1_size as usize * 8];
+        let mut bytes = vec![0u8; 2 * cluster + l1_size as usize * 8];
         bytes[..4].copy_from_slice(MAGIC);
         put_u32(&mut bytes, 4, 3);
         put_u32(&mut bytes, CLUSTER_BITS_AT, cluster_bits);
         put_u64(&mut bytes, SIZE_AT, size);
         put_u32(&mut bytes, L1_SIZE_AT, l1_size);
-        put_u64(&mut bytes, L1_OFFSET_AT, cluster as u64);
+        put_u64(&mut bytes, L1_OFFSET_AT, 2 * cluster as u64);
+        put_u64(&mut bytes, REFCOUNT_TABLE_AT, cluster as u64);
+        put_u32(&mut bytes, REFCOUNT_CLUSTERS_AT, 1);
         put_u32(&mut bytes, 96, 4);
         put_u32(&mut bytes, HEADER_LENGTH_AT, 112);
         bytes
@@ -1501,11 +1511,59 @@ mod tests {
     }
 
     #[test]
+    fn other_qemu_layouts_read_like_qemu() {
+        let scratch = Scratch::new();
+        let size = 20 * 65536;
+        let variants = [
+            ("prealloc-metadata", "preallocation=metadata"),
+            ("prealloc-falloc", "preallocation=falloc"),
+            ("refcount-1", "refcount_bits=1"),
+            ("refcount-64", "refcount_bits=64"),
+            ("lazy-refcounts", "lazy_refcounts=on"),
+            ("extended-prealloc", "extended_l2=on,preallocation=metadata"),
+        ];
+        for (name, options) in variants {
+            // qemu cannot compress into preallocated clusters.
+            let mut commands = cluster_mix(65536, size);
+            commands.retain(|c| !(options.contains("prealloc") && c.starts_with("write -c")));
+            scratch.create(name, options, size);
+            scratch.io(name, &commands);
+            assert_reads_like_qemu(&scratch, name);
+        }
+
+        // Resized both ways, downgraded to version 2, with a persistent bitmap.
+        let path = scratch.path("refcount-1");
+        run("qemu-img", &["resize", "-q", &path, "+3000320"]);
+        assert_reads_like_qemu(&scratch, "refcount-1");
+        run("qemu-img", &["resize", "-q", "--shrink", &path, "999936"]);
+        assert_reads_like_qemu(&scratch, "refcount-1");
+        run(
+            "qemu-img",
+            &[
+                "amend",
+                "-q",
+                "-o",
+                "compat=0.10",
+                &scratch.path("lazy-refcounts"),
+            ],
+        );
+        assert_eq!(
+            assert_reads_like_qemu(&scratch, "lazy-refcounts").version,
+            2
+        );
+        run(
+            "qemu-img",
+            &["bitmap", "--add", &scratch.path("prealloc-metadata"), "b0"],
+        );
+        assert_reads_like_qemu(&scratch, "prealloc-metadata");
+    }
+
+    #[test]
     fn zero_clusters_read_as_zeros_with_and_without_preallocation() {
         let scratch = Scratch::new();
         let cluster = 65536;
-        scratch.create("zero.qcow2", "", 16 * cluster);
-        scratch.io("zero.qcow2", &cluster_mix(cluster, 16 * cluster));
+        scratch.create("zero.qcow2", "", 20 * cluster);
+        scratch.io("zero.qcow2", &cluster_mix(cluster, 20 * cluster));
         let bytes = scratch.read("zero.qcow2");
 
         // The mix leaves cluster 6 zero without host space and cluster 9 zero over the host
@@ -1559,7 +1617,7 @@ mod tests {
         let scratch = Scratch::new();
         for cluster in [16384u64, 65536, 2 << 20] {
             let sub = cluster / 32;
-            let size = 12 * cluster + 4096 + 512;
+            let size = 20 * cluster + 4096 + 512;
             let name = format!("extended-{cluster}.qcow2");
             scratch.create(
                 &name,
@@ -1840,6 +1898,10 @@ mod tests {
             }
         ));
 
+        let mut no_refcounts = valid.clone();
+        put_u32(&mut no_refcounts, REFCOUNT_CLUSTERS_AT, 0);
+        assert_eq!(refusal(&no_refcounts), Qcow2Error::NoRefcountTable);
+
         let mut refcounts = valid.clone();
         put_u64(&mut refcounts, REFCOUNT_TABLE_AT, past_end);
         assert!(matches!(
@@ -1902,7 +1964,7 @@ mod tests {
         ));
 
         let mut l2_on_header = valid.clone();
-        put_u64(&mut l2_on_header, l1_offset as usize, L2_COPIED);
+        put_u64(&mut l2_on_header, l1_offset as usize, 1 << 60);
         assert!(matches!(
             refusal(&l2_on_header),
             Qcow2Error::InvalidTableEntry { .. }
@@ -2299,9 +2361,13 @@ mod tests {
         seeds.sort();
         assert!(seeds.len() >= 5, "the seed corpus is missing");
 
+        // Every seed is valid, and qemu reads it as we do.
+        let scratch = Scratch::new();
         for (name, seed) in &seeds {
-            Qcow2Image::parse(seed).unwrap_or_else(|e| panic!("{name}: {e}"));
+            scratch.write("seed.qcow2", seed);
+            assert_reads_like_qemu(&scratch, "seed.qcow2");
             exercise(seed);
+            eprintln!("{name}: {:?}", inspect(seed).unwrap());
         }
 
         let iterations: usize = std::env::var("QCOW2_FUZZ_ITERATIONS")

@@ -347,12 +347,14 @@ fn filesystem_round_trip(fs: Fs, target: Target) {
     fs.mkfs(&device);
     fs.check(&device);
 
-    // Mount it (a file needs `-o loop`) and write 128 MiB at random with verification.
+    // Mount it (a file needs `-o loop`) and write at random in a 128 MiB file with
+    // verification. The amount, not a runtime, bounds the run: fio skips the verification
+    // when a runtime ends the write phase, which a loaded machine can make happen.
     let options = if loop_dev.is_some() { "" } else { "-o loop" };
     let mounted = Mounted::mount(&device, options, &daemon.dir.path().join("fs"));
     fio(&format!(
-        "--name=c5 --filename={}/fio.dat --size=128M --rw=randwrite --bs=4k --direct=1 \
-         --ioengine=libaio --iodepth=16 --runtime=30 --verify=crc32c --verify_fatal=1",
+        "--name=c5 --filename={}/fio.dat --size=128M --io_size=48M --rw=randwrite --bs=4k \
+         --direct=1 --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1",
         mounted.path().display()
     ));
     mounted.unmount();
@@ -479,8 +481,8 @@ fn unaligned_direct_writes_work_or_fail_at_once_with_einval() {
     // Misaligned offset, length and buffer address, alone and together.
     let shapes: [(u64, usize, usize); 5] = [
         (4097, 4096, 0),
-        (8192, 1000, 0),
-        (12288, 4096, 1),
+        (64 * KIB, 1000, 0),
+        (128 * KIB, 4096, 1),
         (MIB + 1, 131_071, 3),
         (2 * MIB - 7, 70_000, 5),
     ];
@@ -1072,7 +1074,7 @@ fn shared_mmap_fails_with_enodev_and_private_mmap_shows_the_data() {
     open_rw(&vol).write_all_at(&data, 8192).unwrap();
 
     let path = vol.clone();
-    within(30, "mmap of a volume", move || {
+    let mapped = within(30, "mmap of a volume", move || {
         let file = open_rw(&path);
         let len = 4 * 4096;
         for prot in [libc::PROT_READ | libc::PROT_WRITE, libc::PROT_READ] {
@@ -1118,14 +1120,13 @@ fn shared_mmap_fails_with_enodev_and_private_mmap_shows_the_data() {
         // SAFETY: unmapping exactly the mapping created above.
         unsafe { libc::munmap(addr, len) };
         mapped
-    })
-    .iter()
-    .enumerate()
-    .for_each(|(i, &b)| {
-        // The mapping starts at 4096: one page of zeros, then the data.
+    });
+
+    // The mapping starts at 4096: one page of zeros, then the data.
+    for (i, &b) in mapped.iter().enumerate() {
         let wanted = if i < 4096 { 0 } else { data[i - 4096] };
         assert_eq!(b, wanted, "mapped byte {i}");
-    });
+    }
 }
 
 /// `ls -l` shows `-rw-rw----` and the volume's size; `touch` works; chmod and chown fail
@@ -1227,7 +1228,7 @@ fn another_volume_stays_responsive_while_one_runs_fio() {
     );
     assert!(probes >= 10, "only {probes} probes ran during fio");
     assert!(
-        slowest < Duration::from_secs(2),
+        slowest < Duration::from_secs(3),
         "slowest probe of vol2: {slowest:?}"
     );
     assert_no_d_state(daemon.pid());

@@ -32,7 +32,15 @@ fn harness_starts_and_stops_a_daemon() {
 /// to exactly the image's tree, and nothing of the old file system survives.
 #[test]
 fn readme_story_reimages_to_the_image_tree_through_every_front_end() {
-    for tool in ["mkfs.ext4", "e2fsck", "losetup", "mount", "umount", "diff", "curl"] {
+    for tool in [
+        "mkfs.ext4",
+        "e2fsck",
+        "losetup",
+        "mount",
+        "umount",
+        "diff",
+        "curl",
+    ] {
         require(tool);
     }
     let daemon = Daemon::start();
@@ -198,11 +206,20 @@ fn assert_success(out: &std::process::Output, what: &str) {
 /// a name with spaces, nested and empty directories, file and directory symlinks.
 fn build_tree(work: &Path) -> PathBuf {
     let tree = work.join("tree");
-    for dir in ["etc", "usr/bin", "usr/lib/deep/er", "var/log", "var/cache", "home/user"] {
+    for dir in [
+        "etc",
+        "usr/bin",
+        "usr/lib/deep/er",
+        "var/log",
+        "var/cache",
+        "home/user",
+    ] {
         std::fs::create_dir_all(tree.join(dir)).unwrap();
     }
     std::fs::write(tree.join("etc/hostname"), "volumed-test\n").unwrap();
-    let motd: String = (0..200).map(|i| format!("line {i} of the motd\n")).collect();
+    let motd: String = (0..200)
+        .map(|i| format!("line {i} of the motd\n"))
+        .collect();
     std::fs::write(tree.join("etc/motd"), motd).unwrap();
     random_file(&tree.join("usr/bin/tool"), 300 * 1024 + 17, 1);
     random_file(&tree.join("usr/lib/deep/er/libdata.so"), 2 << 20, 2);

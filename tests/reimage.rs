@@ -131,6 +131,18 @@ fn expect_image_then_zeros(
     }
 }
 
+/// Writes `chunk` over and over into the first `len` bytes of `file`, durably.
+fn fill_with(chunk: &Path, file: &Path, len: u64) {
+    let chunk_mib = std::fs::metadata(chunk).unwrap().len() / MIB;
+    sh_ok(&format!(
+        "for i in $(seq 0 {last}); do timeout 60 dd if={c} of={f} bs=1M seek=$((i * {chunk_mib})) \
+         conv=notrunc status=none || exit 1; done; timeout 60 sync {f}",
+        last = len / MIB / chunk_mib - 1,
+        c = q(chunk),
+        f = q(file),
+    ));
+}
+
 /// Shorthand for a volume's `reimage` sub-view field.
 fn reimage_field<'a>(view: &'a Value, field: &str) -> &'a Value {
     &view["reimage"][field]
@@ -240,6 +252,9 @@ fn touch_pages(bytes: &[u8]) -> u64 {
 
 // ----- C1 -----------------------------------------------------------------------------------
 
+/// How much of the volume the mappings cover: the image and the old data well past its end.
+const MAPPED: usize = 128 << 20;
+
 /// C1: after a re-image every reader, cached or not, sees the image then zeros; MAP_SHARED
 /// fails at once.
 #[test]
@@ -250,12 +265,10 @@ fn every_reader_sees_only_the_new_image_without_dropping_caches() {
     daemon.create_volume("vol1", 1);
     let v = daemon.vol("vol1");
 
-    // Old content A over the whole volume, durable.
-    sh_ok(&format!(
-        "timeout 120 dd if=/dev/urandom of={} bs=4M count=256 iflag=fullblock \
-         conv=notrunc,fsync status=none",
-        q(&v)
-    ));
+    // Old content A over the whole volume, durable: a 64 MiB random block, repeated.
+    let chunk = daemon.dir.path().join("a64m");
+    random_file(&chunk, 64 * MIB as usize, 10);
+    fill_with(&chunk, &v, GIB);
 
     // Caches full of A: an open buffered descriptor, a private mapping, a loop device.
     let mut old_fd = File::open(&v).unwrap();
@@ -263,7 +276,7 @@ fn every_reader_sees_only_the_new_image_without_dropping_caches() {
     old_fd.read_exact(&mut head_a).unwrap();
     let mut sink = vec![0u8; 4 * MIB as usize];
     while old_fd.read(&mut sink).unwrap() > 0 {}
-    let old_map = Mapping::new(&old_fd, GIB as usize, libc::PROT_READ, libc::MAP_PRIVATE)
+    let old_map = Mapping::new(&old_fd, MAPPED, libc::PROT_READ, libc::MAP_PRIVATE)
         .expect("a private mapping of a volume works");
     touch_pages(old_map.bytes());
     assert_eq!(
@@ -273,8 +286,9 @@ fn every_reader_sees_only_the_new_image_without_dropping_caches() {
     );
     let looped = Loop::attach(&v, "");
     sh_ok(&format!(
-        "timeout 120 dd if={} of=/dev/null bs=1M status=none",
-        looped.0
+        "timeout 120 dd if={} of=/dev/null bs=1M count={} status=none",
+        looped.0,
+        MAPPED as u64 / MIB
     ));
     assert_eq!(read_direct(&v, 0, MIB as usize), head_a, "O_DIRECT shows A");
 
@@ -310,11 +324,16 @@ fn every_reader_sees_only_the_new_image_without_dropping_caches() {
         "reading the old mapping",
         move || {
             let bytes = old_map.bytes();
-            expect_image_then_zeros("old private mapping", GIB, &b_for_map, |off, buf| {
-                let start = off as usize;
-                buf.copy_from_slice(&bytes[start..start + buf.len()]);
-                Ok(buf.len())
-            });
+            expect_image_then_zeros(
+                "old private mapping",
+                MAPPED as u64,
+                &b_for_map,
+                |off, buf| {
+                    let start = off as usize;
+                    buf.copy_from_slice(&bytes[start..start + buf.len()]);
+                    Ok(buf.len())
+                },
+            );
         },
     );
 
@@ -338,14 +357,19 @@ fn every_reader_sees_only_the_new_image_without_dropping_caches() {
         "reading a new mapping",
         move || {
             let file = File::open(&path).unwrap();
-            let map = Mapping::new(&file, GIB as usize, libc::PROT_READ, libc::MAP_PRIVATE)
+            let map = Mapping::new(&file, MAPPED, libc::PROT_READ, libc::MAP_PRIVATE)
                 .expect("a new private mapping");
             let bytes = map.bytes();
-            expect_image_then_zeros("new private mapping", GIB, &b_for_new, |off, buf| {
-                let start = off as usize;
-                buf.copy_from_slice(&bytes[start..start + buf.len()]);
-                Ok(buf.len())
-            });
+            expect_image_then_zeros(
+                "new private mapping",
+                MAPPED as u64,
+                &b_for_new,
+                |off, buf| {
+                    let start = off as usize;
+                    buf.copy_from_slice(&bytes[start..start + buf.len()]);
+                    Ok(buf.len())
+                },
+            );
         },
     );
 

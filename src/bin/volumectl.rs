@@ -561,7 +561,7 @@ impl RateMeter {
         if span < Duration::from_millis(500) {
             return None;
         }
-        Some((last - first) as f64 / span.as_secs_f64())
+        Some(last.saturating_sub(first) as f64 / span.as_secs_f64())
     }
 }
 
@@ -1105,13 +1105,13 @@ impl<O: Write> App<O> {
         // The volume is accepted; a reply we cannot read should not make that look failed.
         let line = match reply.member("volume") {
             Ok(volume) => format!(
-                "creating volume {} ({} GiB), id {}, status {}",
+                "volume {} ({} GiB): id {}, status {}",
                 display_name(&volume, &args.name),
                 args.size,
                 cell(volume.get("id")),
                 cell(volume.get("status")),
             ),
-            Err(_) => format!("creating volume {} ({} GiB)", args.name, args.size),
+            Err(_) => format!("volume {} ({} GiB) accepted", args.name, args.size),
         };
         self.emit(&line)
     }
