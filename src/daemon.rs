@@ -123,13 +123,13 @@ fn prepare_mountpoint(mountpoint: &Path) -> Result<(), String> {
         if !is_mounted(mountpoint) {
             break;
         }
-        match std::fs::metadata(mountpoint) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        match probe_mount(mountpoint) {
+            Probe::Dead => {
                 tracing::warn!(mountpoint = %mountpoint.display(),
                     "detaching the dead mount of a previous volumed");
                 detach(mountpoint).map_err(|e| format!("cannot detach stale mount: {e}"))?;
             }
-            _ => {
+            Probe::Live => {
                 return Err(format!(
                     "{} is already mounted by a running file system; stop it or choose \
                      another mountpoint",
@@ -143,6 +143,44 @@ fn prepare_mountpoint(mountpoint: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create mountpoint {}: {e}", mountpoint.display()))?;
     let _ = std::fs::set_permissions(mountpoint, std::fs::Permissions::from_mode(0o755));
     Ok(())
+}
+
+enum Probe {
+    Dead,
+    Live,
+}
+
+/// Asks the file system at `path` itself whether it is alive.
+///
+/// A plain `stat` may be answered from the kernel's attribute cache for a second after the
+/// daemon died, so the probe forces a round trip (`AT_STATX_FORCE_SYNC`); a dead connection
+/// answers `ENOTCONN`. A live server that does not answer (stopped, hung) must not hang the
+/// start: the probe runs on its own thread and silence counts as alive.
+fn probe_mount(path: &Path) -> Probe {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return Probe::Live;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: `statx` is plain data that the call fills in.
+        let mut out: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid NUL-terminated path and a live output struct.
+        let rc = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                libc::AT_STATX_FORCE_SYNC,
+                libc::STATX_BASIC_STATS,
+                &mut out,
+            )
+        };
+        let errno = (rc != 0).then(|| io::Error::last_os_error().raw_os_error());
+        let _ = tx.send(errno.flatten());
+    });
+    match rx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Some(libc::ENOTCONN)) | Ok(Some(libc::ECONNABORTED)) => Probe::Dead,
+        _ => Probe::Live,
+    }
 }
 
 /// Whether `/proc/self/mountinfo` lists a mount at `path`.

@@ -6,9 +6,9 @@
 //! policy chosen from a volume's status, the attachment count and the compare-and-swap into
 //! `downloading` see one consistent volume (Cinder reads these at different moments).
 //!
-//! A re-image then runs on its own thread ([`Engine::run_refill`]): fence the volume's I/O,
-//! refill the backing file, make it durable, compare-and-swap out of `downloading`, lift the
-//! fence, and invalidate every kernel cache the daemon can reach.
+//! A re-image then runs on its own thread (`Engine::run_refill`): fence the volume's I/O,
+//! refill the backing file, make it durable, lift the fence, invalidate every kernel cache
+//! the daemon can reach, and only then compare-and-swap out of `downloading`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -615,11 +615,15 @@ impl Engine {
                 "re-image failed");
         }
 
-        self.finish_reimage(&volume, &image, &result);
-        file.end_refill();
+        // Every cache the daemon can reach is clean before the outcome is published, so a
+        // client that sees the re-image finished never reads old content. Loop devices are
+        // flushed only after the fence lifts: their dirty buffers are written back through
+        // the volume itself.
         file.gate.unfence();
         self.invalidate(volume.ino, true);
         loopdev::flush_loop_devices(&self.config.mountpoint.join(&volume.name));
+        self.finish_reimage(&volume, &image, &result);
+        file.end_refill();
 
         if let Ok(stats) = result {
             tracing::info!(volume = ?volume.name, image = %image.id,

@@ -29,8 +29,9 @@
 //! Everything that would make the content depend on another file or key, or that shows the
 //! image is damaged, fails [`Qcow2Image::parse`] with a [`Qcow2Error`] that names the cause:
 //! a backing file, an external data file (and the raw external data bit), encryption,
-//! unknown incompatible features, the dirty and corrupt bits, an invalid header length or
-//! compression type, tables or clusters outside the file or misaligned, an L1 table too small
+//! unknown incompatible features, the dirty and corrupt bits, an invalid header length,
+//! compression type, header extension or snapshot table, a missing refcount table (qemu
+//! refuses it too), tables or clusters outside the file or misaligned, an L1 table too small
 //! for the virtual size, metadata structures that overlap each other, data or compressed
 //! clusters that overlap metadata, and reserved bits set in table entries. A compressed
 //! cluster that does not inflate to exactly one cluster fails its decompression, so a
@@ -57,7 +58,9 @@
 //! The seed corpus is `fuzz/corpus/qcow2/` (small images made by `fuzz/make-corpus.sh`).
 //! `cargo test --lib qcow2::tests::corpus` replays it with a deterministic mutation loop
 //! (`QCOW2_FUZZ_ITERATIONS` sets its length). With a nightly toolchain and `cargo-fuzz`:
-//! `cd fuzz && cargo +nightly fuzz run qcow2 corpus/qcow2 -- -max_total_time=600`.
+//! `cargo +nightly fuzz run qcow2 /tmp/qcow2-corpus fuzz/corpus/qcow2 -- -max_total_time=600`
+//! from the repository root (libFuzzer adds new inputs to the first directory only, so the
+//! committed seeds stay as they are).
 
 use std::fmt;
 
@@ -278,7 +281,9 @@ pub enum Extent {
 /// A run of guest bytes `[guest_offset, guest_offset + len)` and where they come from.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Mapping {
+    /// Byte offset in the guest disk.
     pub guest_offset: u64,
+    /// Bytes in the run; never 0.
     pub len: u64,
     pub extent: Extent,
 }
@@ -315,7 +320,9 @@ pub struct ImageInfo {
     /// The `size` field of the header, in bytes.
     pub header_size: u64,
     pub cluster_size: u64,
+    /// The algorithm of compressed clusters, if the image has any.
     pub compression: Compression,
+    /// Whether L2 entries describe 32 subclusters each.
     pub extended_l2: bool,
     pub refcount_bits: u32,
     /// Internal snapshots (their content is not read).
@@ -382,6 +389,7 @@ impl<'a> Qcow2Image<'a> {
         self.info.virtual_size
     }
 
+    /// Bytes per cluster: the size of the buffer [`Self::decompress_cluster`] fills.
     pub fn cluster_size(&self) -> u64 {
         self.info.cluster_size
     }
@@ -912,6 +920,7 @@ impl fmt::Debug for Decompressor {
 }
 
 impl Decompressor {
+    /// Empty state; the zstd decoder is only set up for the first zstd cluster.
     pub fn new() -> Self {
         Self {
             deflate: Box::default(),
@@ -1556,6 +1565,28 @@ mod tests {
             &["bitmap", "--add", &scratch.path("prealloc-metadata"), "b0"],
         );
         assert_reads_like_qemu(&scratch, "prealloc-metadata");
+    }
+
+    #[test]
+    fn a_compressed_cluster_ending_inside_the_last_sector_reads_like_qemu() {
+        let scratch = Scratch::new();
+        for options in ["cluster_size=4096", "compression_type=zstd"] {
+            scratch.create("tail.qcow2", options, 1 << 20);
+            let commands = ["write -P 0x01 0 4k", "write -c -P 0x02 128k 64k"].map(String::from);
+            scratch.io("tail.qcow2", &commands);
+            assert_ne!(scratch.read("tail.qcow2").len() % 512, 0, "{options}");
+
+            assert_reads_like_qemu(&scratch, "tail.qcow2");
+        }
+    }
+
+    #[test]
+    fn images_and_decompressors_can_be_shared_with_workers() {
+        fn shareable<T: Send + Sync>() {}
+        fn movable<T: Send>() {}
+        shareable::<Qcow2Image<'static>>();
+        shareable::<Mapping>();
+        movable::<Decompressor>();
     }
 
     #[test]
