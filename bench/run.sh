@@ -9,6 +9,7 @@
 #               file of the run lives there, so that is the file system measured.
 # VOLUMED       a volumed binary to use instead of building one with `cargo build --release`.
 # BENCH_REPEAT  rounds of the re-image comparison (default 1); the report keeps the best.
+# BENCH_KEEP=1  keep the work directory's logs and raw results (not its big files).
 #
 # Needs root (FUSE mounts, dropping the page cache), fio, qemu-storage-daemon and qemu-img
 # (Debian: fio, qemu-utils), curl, python3 and fallocate. The markdown report goes to stdout
@@ -22,7 +23,7 @@ BENCH_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_SRC/.." && pwd)
 
 usage() {
-    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 QUICK=0
@@ -135,6 +136,9 @@ cleanup() {
         if awk -v w="$WORK/" 'index($5, w) == 1 { found = 1 } END { exit !found }' \
             /proc/self/mountinfo; then
             log "something is still mounted under $WORK; leaving it in place"
+        elif [ "${BENCH_KEEP:-0}" = 1 ]; then
+            rm -rf "$WORK/images" "$WORK/volumed/state" "$WORK"/*.img "$WORK"/*.raw
+            log "kept the logs and raw results in $WORK (BENCH_KEEP=1)"
         else
             rm -rf "$WORK"
             [ "$CREATED_BENCH_DIR" = 1 ] && rmdir "$BENCH_DIR" 2>/dev/null
@@ -178,8 +182,9 @@ drop_caches() {
 }
 
 # Appends one JSON object (from key=value pairs; numbers stay numbers) to the results.
+# Each result carries the 1-minute load average: other work on the machine skews figures.
 record() {
-    python3 "$BENCH_SRC/report.py" record "$RESULTS" "$@"
+    python3 "$BENCH_SRC/report.py" record "$RESULTS" "$@" load="$(cut -d ' ' -f 1 /proc/loadavg)"
 }
 
 now() { printf '%s' "$EPOCHREALTIME"; }
@@ -265,7 +270,7 @@ import_image() {
         "{\"name\": \"$name\", \"disk_format\": \"raw\", \"container_format\": \"bare\"}" 201 |
         json_get id)
     started=$(now)
-    status=$(curl -sS --unix-socket "$VD/volumed.sock" -o /dev/stderr -w '%{http_code}' \
+    status=$(curl -sS --unix-socket "$VD/volumed.sock" -o /dev/null -w '%{http_code}' \
         -H 'Content-Type: application/octet-stream' -H 'Expect:' -T "$file" \
         "http://localhost/v2/images/$id/file")
     [ "$status" = 204 ] || die "upload of $file answered $status"
@@ -384,7 +389,8 @@ fio_part() {
 # Old content: a non-zero pattern over the whole file, written and synced.
 fill_old() {
     local file=$1 size=$2
-    tr '\000' '\252' </dev/zero |
+    # tr ends with SIGPIPE when dd has enough; that is not a failure.
+    { tr '\000' '\252' </dev/zero 2>/dev/null || true; } |
         dd of="$file" bs=16M count=$((size / (16 * MIB))) iflag=fullblock oflag=direct \
             conv=notrunc status=none
     sync "$file"
@@ -411,10 +417,10 @@ make_images() {
 start_sampler() {
     local file=$1 pid=$VOLUMED_PID
     (
-        while :; do
+        while [ -e "/proc/$pid/status" ]; do
             while read -r key value _; do
-                [ "$key" = VmRSS: ] && echo "$value"
-            done <"/proc/$pid/status" || exit 0
+                if [ "$key" = VmRSS: ]; then echo "$value"; fi
+            done <"/proc/$pid/status"
             sleep 0.05
         done
     ) >"$file" 2>/dev/null &

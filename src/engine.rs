@@ -78,7 +78,7 @@ pub struct CreateImage {
 const KNOWN_DISK_FORMATS: &[&str] = &[
     "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop",
 ];
-const SUPPORTED_DISK_FORMATS: &[&str] = &["raw"];
+const SUPPORTED_DISK_FORMATS: &[&str] = &["raw", "qcow2"];
 const KNOWN_CONTAINER_FORMATS: &[&str] = &[
     "ami",
     "ari",
@@ -289,6 +289,19 @@ impl Engine {
 
     /// Deletes a volume that is not attached, busy or open.
     pub fn delete_volume(&self, who: &Caller, key: &str) -> Result<()> {
+        // The kernel sends RELEASE after close(2) returns; give a file closed just before the
+        // request (`losetup -d; volumectl delete`) a moment to be released.
+        let by_key = self
+            .files()
+            .into_iter()
+            .find(|f| f.name == key || f.id.to_string() == key);
+        if let Some(file) = by_key {
+            let deadline = Instant::now() + std::time::Duration::from_secs(1);
+            while file.open_handles() > 0 && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+
         let removed = self.update(|state| {
             let volume = self.visible_volume(state, who, key)?.clone();
             self.policy()
@@ -558,6 +571,10 @@ impl Engine {
                 return Err(Error::io("cannot save state", &e));
             }
             *state = next;
+
+            // The fence closes before the request is answered: I/O issued after a client
+            // saw it accepted must wait for the new content, never reach the old one.
+            file.gate.close();
             (volume, image)
         };
 
@@ -567,6 +584,7 @@ impl Engine {
     }
 
     fn spawn_refill(&self, volume: VolumeRecord, image: ImageRecord) -> Result<()> {
+        let (volume_copy, image_copy) = (volume.clone(), image.clone());
         let engine = self.self_arc()?;
         let name = format!("refill-{}", volume.ino);
         let spawned = std::thread::Builder::new()
@@ -579,7 +597,14 @@ impl Engine {
                 refills.push(handle);
                 Ok(())
             }
-            Err(e) => Err(Error::io("cannot start the refill", &e)),
+            Err(e) => {
+                let reason = format!("cannot start the refill: {e}");
+                self.finish_reimage(&volume_copy, &image_copy, &Err(reason.clone()));
+                if let Some(file) = self.file_by_ino(volume_copy.ino) {
+                    file.gate.unfence();
+                }
+                Err(Error::internal(reason))
+            }
         }
     }
 
@@ -590,20 +615,24 @@ impl Engine {
         };
         let started = Instant::now();
 
-        // Clean cached pages are dropped while I/O still flows; then the fence drains.
-        self.invalidate(volume.ino, true);
-        file.gate.fence();
+        // The gate was closed when the request was accepted; wait for I/O already in flight.
+        file.gate.drain();
 
-        let window = (self.config.refill_window_mib << 20) as usize;
-        let image_len = image.size.unwrap_or(0);
-        let result = refill::refill_raw(
-            &file,
-            &self.store.image_path(image.id),
-            image_len,
-            window,
-            self.config.refill_rate_limit << 20,
-            &self.stopping,
-        );
+        let params = refill::RefillParams {
+            image_len: image.size.unwrap_or(0),
+            expected_hash: image
+                .verify_hash
+                .as_deref()
+                .and_then(|h| u128::from_str_radix(h, 16).ok()),
+            window: (self.config.refill_window_mib << 20) as usize,
+            rate_limit: self.config.refill_rate_limit << 20,
+            cancel: &self.stopping,
+        };
+        let path = self.store.image_path(image.id);
+        let result = match image.disk_format.as_str() {
+            "qcow2" => refill::refill_qcow2(&file, &path, params),
+            _ => refill::refill_raw(&file, &path, params),
+        };
         if let Err(reason) = &result {
             // A failed re-image leaves nothing of the old content and nothing half-written.
             if let Err(e) =
@@ -623,7 +652,6 @@ impl Engine {
         self.invalidate(volume.ino, true);
         loopdev::flush_loop_devices(&self.config.mountpoint.join(&volume.name));
         self.finish_reimage(&volume, &image, &result);
-        file.end_refill();
 
         if let Ok(stats) = result {
             tracing::info!(volume = ?volume.name, image = %image.id,
@@ -697,6 +725,12 @@ impl Engine {
             tracing::error!(volume = ?volume.name, "cannot save the re-image outcome: {e}");
         }
         *state = next;
+
+        // Under the same lock that `reimage` claims it with: once the outcome is visible, a
+        // new re-image or a delete is accepted.
+        if let Some(file) = self.file_by_ino(volume.ino) {
+            file.end_refill();
+        }
     }
 
     // ----- attachments ---------------------------------------------------------------------
@@ -958,6 +992,7 @@ impl Engine {
             min_ram: req.min_ram,
             checksum: None,
             os_hash_value: None,
+            verify_hash: None,
             visibility,
             owner_uid: who.uid,
             created_at: now.clone(),
@@ -1015,6 +1050,8 @@ impl Engine {
                 file: Some(file),
                 md5: Md5::new(),
                 sha512: Sha512::new(),
+                xxh3: refill::new_hasher(),
+                disk_format: self.get_image(who, &id.to_string())?.disk_format,
                 len: 0,
                 head: Vec::new(),
                 finished: false,
@@ -1318,6 +1355,8 @@ pub struct ImageUpload {
     file: Option<File>,
     md5: Md5,
     sha512: Sha512,
+    xxh3: xxhash_rust::xxh3::Xxh3,
+    disk_format: String,
     len: u64,
     head: Vec<u8>,
     finished: bool,
@@ -1345,6 +1384,7 @@ impl ImageUpload {
 
         self.md5.update(chunk);
         self.sha512.update(chunk);
+        self.xxh3.update(chunk);
         if self.head.len() < HEAD_LEN {
             let take = (HEAD_LEN - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..take]);
@@ -1373,12 +1413,7 @@ impl ImageUpload {
             .map_err(|e| Error::io("cannot make the image durable", &e))?;
         drop(file);
 
-        if let Some(found) = detect_format(&self.head) {
-            return Err(Error::invalid(format!(
-                "the image data is in {found} format but disk_format is raw; refusing a \
-                 format mismatch"
-            )));
-        }
+        let virtual_size = self.check_format()?;
 
         let engine = self.engine.clone();
         engine
@@ -1387,6 +1422,7 @@ impl ImageUpload {
             .map_err(|e| Error::io("cannot store the image", &e))?;
         let checksum = hex(&std::mem::take(&mut self.md5).finalize());
         let os_hash = hex(&std::mem::take(&mut self.sha512).finalize());
+        let verify_hash = format!("{:032x}", self.xxh3.digest128());
         let len = self.len;
         let record = engine.update(|state| {
             let image = state
@@ -1395,15 +1431,49 @@ impl ImageUpload {
                 .ok_or_else(|| Error::not_found("the image was deleted during the upload"))?;
             image.status = ImageStatus::Active;
             image.size = Some(len);
-            image.virtual_size = Some(len);
+            image.virtual_size = Some(virtual_size);
             image.checksum = Some(checksum.clone());
             image.os_hash_value = Some(os_hash.clone());
+            image.verify_hash = Some(verify_hash.clone());
             image.updated_at = timestamp();
             Ok(image.clone())
         })?;
         self.finished = true;
         tracing::info!(image = %record.id, bytes = len, "image uploaded");
         Ok(record)
+    }
+}
+
+impl ImageUpload {
+    /// Checks that the data is what `disk_format` claims, and returns its virtual size.
+    ///
+    /// A raw upload whose bytes carry another format's signature is refused: treating a
+    /// qcow2 file as raw would hand a guest the host-side structure of the file (and a
+    /// backing-file name), a known format-confusion attack.
+    fn check_format(&self) -> Result<u64> {
+        let found = detect_format(&self.head);
+        match (self.disk_format.as_str(), found) {
+            ("raw", None) => Ok(self.len),
+            ("qcow2", Some("qcow2")) => self.inspect_qcow2(),
+            (declared, Some(found)) => Err(Error::invalid(format!(
+                "the image data is in {found} format but disk_format is {declared}; refusing \
+                 a format mismatch"
+            ))),
+            (declared, None) => Err(Error::invalid(format!(
+                "the image data is not in {declared} format; refusing a format mismatch"
+            ))),
+        }
+    }
+
+    fn inspect_qcow2(&self) -> Result<u64> {
+        let path = self.engine.store.upload_path(self.id);
+        let file = File::open(&path).map_err(|e| Error::io("cannot open the upload", &e))?;
+        // SAFETY: a read-only mapping of our own upload file, which nothing else writes.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::io("cannot map the upload", &e))?;
+        let info = crate::qcow2::inspect(&map)
+            .map_err(|e| Error::invalid(format!("qcow2 image refused: {e}")))?;
+        Ok(info.virtual_size)
     }
 }
 

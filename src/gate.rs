@@ -61,8 +61,18 @@ impl Gate {
 
     /// Closes the gate and waits until every request in flight has finished.
     pub fn fence(&self) {
+        self.close();
+        self.drain();
+    }
+
+    /// Closes the gate without waiting: requests from now on are parked.
+    pub fn close(&self) {
+        self.lock().fenced = true;
+    }
+
+    /// Waits until every request that entered before [`Gate::close`] has finished.
+    pub fn drain(&self) {
         let mut state = self.lock();
-        state.fenced = true;
         while state.in_flight > 0 {
             state = self
                 .drained

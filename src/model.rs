@@ -285,6 +285,10 @@ pub struct ImageRecord {
     /// Hex sha512 of the stored bytes.
     #[serde(default)]
     pub os_hash_value: Option<String>,
+    /// Hex xxh3-128 of the stored bytes, which a re-image checks what it reads against (a
+    /// hash fast enough not to slow the refill; sha512 stays the published one).
+    #[serde(default)]
+    pub verify_hash: Option<String>,
     pub visibility: String,
     pub owner_uid: u32,
     pub created_at: String,

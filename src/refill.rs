@@ -17,8 +17,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use memmap2::{Advice, MmapOptions};
+use memmap2::{Advice, Mmap, MmapOptions};
+use xxhash_rust::xxh3::Xxh3;
 
+use crate::qcow2::{Decompressor, Extent, Mapping, Qcow2Image};
 use crate::sigbus;
 use crate::volume::{discard, VolumeFile};
 
@@ -34,19 +36,53 @@ pub struct RefillStats {
     pub written: u64,
 }
 
-/// Discards `volume` and fills it with the `image_len` bytes of the raw image at `image`.
+/// How a refill reads its image and checks it.
+#[derive(Clone, Copy, Debug)]
+pub struct RefillParams<'a> {
+    /// Size in bytes of the stored image file, as uploaded.
+    pub image_len: u64,
+    /// The xxh3-128 of the stored bytes taken at upload; the refill checks the bytes it reads
+    /// against it. `None` for images uploaded before hashes were recorded.
+    pub expected_hash: Option<u128>,
+    /// Mapping size in bytes (a multiple of the page size).
+    pub window: usize,
+    /// Cap of the rate in bytes per second (0: none).
+    pub rate_limit: u64,
+    /// Ends the refill early with an error.
+    pub cancel: &'a AtomicBool,
+}
+
+/// The xxh3-128 of a whole stream, as [`RefillParams::expected_hash`] expects it.
+pub fn new_hasher() -> Xxh3 {
+    Xxh3::new()
+}
+
+fn check_hash(hasher: &Xxh3, expected: Option<u128>) -> Result<(), String> {
+    match expected {
+        Some(expected) if hasher.digest128() != expected => Err(
+            "the image's bytes differ from the bytes that were uploaded: the stored image is \
+             corrupt"
+                .to_string(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Discards `volume` and fills it with the raw image at `image`.
 ///
-/// `window` is the mapping size in bytes (a multiple of the page size); `rate_limit` caps the
-/// rate in bytes per second (0: none). `cancel` ends the refill early with an error.
 /// Progress is published in `volume.refill_done`.
 pub fn refill_raw(
     volume: &VolumeFile,
     image: &Path,
-    image_len: u64,
-    window: usize,
-    rate_limit: u64,
-    cancel: &AtomicBool,
+    params: RefillParams<'_>,
 ) -> Result<RefillStats, String> {
+    let RefillParams {
+        image_len,
+        window,
+        rate_limit,
+        cancel,
+        ..
+    } = params;
     let source = File::open(image).map_err(|e| format!("cannot open image: {e}"))?;
     check_image_len(&source, image_len)?;
     if image_len > volume.size() {
@@ -60,14 +96,13 @@ pub fn refill_raw(
         .map_err(|e| format!("cannot discard the volume's old content: {e}"))?;
 
     let mut stats = RefillStats::default();
+    let mut hasher = new_hasher();
     let mut offset = 0u64;
     let started = std::time::Instant::now();
     while offset < image_len {
-        if cancel.load(Ordering::Acquire) {
-            return Err("the refill was cancelled because volumed is stopping".to_string());
-        }
+        check_cancel(cancel)?;
         let len = (image_len - offset).min(window as u64) as usize;
-        stats.written += refill_window(volume, &source, offset, len)?;
+        stats.written += refill_window(volume, &source, offset, len, &mut hasher)?;
         check_image_len(&source, image_len)?;
 
         offset += len as u64;
@@ -75,6 +110,7 @@ pub fn refill_raw(
         volume.refill_done.store(offset, Ordering::Release);
         pace(started, offset, rate_limit);
     }
+    check_hash(&hasher, params.expected_hash)?;
 
     volume
         .backing()
@@ -83,12 +119,20 @@ pub fn refill_raw(
     Ok(stats)
 }
 
+fn check_cancel(cancel: &AtomicBool) -> Result<(), String> {
+    if cancel.load(Ordering::Acquire) {
+        return Err("the refill was cancelled because volumed is stopping".to_string());
+    }
+    Ok(())
+}
+
 /// Maps `[offset, offset + len)` of `source` and writes its non-zero blocks to the volume.
 fn refill_window(
     volume: &VolumeFile,
     source: &File,
     offset: u64,
     len: usize,
+    hasher: &mut Xxh3,
 ) -> Result<u64, String> {
     // SAFETY: the mapping is read-only and private to this function. The file may shrink
     // under it; the SIGBUS guard registered below absorbs faults on vanished pages.
@@ -99,22 +143,8 @@ fn refill_window(
     let guard = sigbus::Guard::register(map.as_ptr(), map.len())
         .ok_or_else(|| "too many refills running at once".to_string())?;
 
-    let mut written = 0u64;
-    let mut run_start: Option<usize> = None;
-    for block_start in (0..len).step_by(BLOCK) {
-        let block = &map[block_start..(block_start + BLOCK).min(len)];
-        match (is_zero(block), run_start) {
-            (false, None) => run_start = Some(block_start),
-            (true, Some(start)) => {
-                written += write_run(volume, &map[start..block_start], offset + start as u64)?;
-                run_start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(start) = run_start {
-        written += write_run(volume, &map[start..len], offset + start as u64)?;
-    }
+    hasher.update(&map);
+    let written = write_nonzero_runs(volume, &map, offset)?;
 
     if guard.faulted() {
         return Err(format!(
@@ -135,6 +165,27 @@ fn pace(started: std::time::Instant, done: u64, rate_limit: u64) {
     }
 }
 
+/// Writes the runs of non-zero blocks of `data` at `offset`; zero blocks stay holes.
+fn write_nonzero_runs(volume: &VolumeFile, data: &[u8], offset: u64) -> Result<u64, String> {
+    let mut written = 0u64;
+    let mut run_start: Option<usize> = None;
+    for block_start in (0..data.len()).step_by(BLOCK) {
+        let block = &data[block_start..(block_start + BLOCK).min(data.len())];
+        match (is_zero(block), run_start) {
+            (false, None) => run_start = Some(block_start),
+            (true, Some(start)) => {
+                written += write_run(volume, &data[start..block_start], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run_start {
+        written += write_run(volume, &data[start..], offset + start as u64)?;
+    }
+    Ok(written)
+}
+
 fn write_run(volume: &VolumeFile, run: &[u8], offset: u64) -> Result<u64, String> {
     volume.backing().write_all_at(run, offset).map_err(|e| {
         if e.raw_os_error() == Some(libc::EFAULT) {
@@ -144,6 +195,236 @@ fn write_run(volume: &VolumeFile, run: &[u8], offset: u64) -> Result<u64, String
         }
     })?;
     Ok(run.len() as u64)
+}
+
+/// Discards `volume` and fills it with the guest disk of the qcow2 image at `image`.
+///
+/// The whole file is mapped (address space only) under one SIGBUS guard. First the stored
+/// bytes are hashed window by window and compared with the upload's hash; then the image's
+/// mappings are walked in guest order: zero and unallocated runs stay holes, data runs are
+/// written straight from the mapping (zero blocks skipped), and compressed clusters are
+/// inflated in parallel in bounded batches and written in guest order. Pages of the mapping
+/// are released (`MADV_DONTNEED`) as soon as they are used, so memory stays bounded.
+pub fn refill_qcow2(
+    volume: &VolumeFile,
+    image: &Path,
+    params: RefillParams<'_>,
+) -> Result<RefillStats, String> {
+    let source = File::open(image).map_err(|e| format!("cannot open image: {e}"))?;
+    check_image_len(&source, params.image_len)?;
+    if params.image_len == 0 {
+        return Err("the qcow2 image is empty".to_string());
+    }
+
+    // SAFETY: read-only mapping private to this function; the SIGBUS guard below absorbs
+    // faults if the file shrinks, and the faulted flag fails the refill.
+    let map = unsafe { Mmap::map(&source) }.map_err(|e| format!("cannot map the image: {e}"))?;
+    let guard = sigbus::Guard::register(map.as_ptr(), map.len())
+        .ok_or_else(|| "too many refills running at once".to_string())?;
+    let shrank = || "the image became unreadable: it shrank during the refill".to_string();
+
+    let mut hasher = new_hasher();
+    for start in (0..map.len()).step_by(params.window) {
+        let end = (start + params.window).min(map.len());
+        hasher.update(&map[start..end]);
+        release(&map, start, end - start);
+    }
+    check_hash(&hasher, params.expected_hash)?;
+
+    let qcow2 = Qcow2Image::parse(&map).map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
+    if guard.faulted() {
+        return Err(shrank());
+    }
+    if qcow2.virtual_size() > volume.size() {
+        return Err(format!(
+            "the image's virtual size of {} bytes does not fit the volume of {} bytes",
+            qcow2.virtual_size(),
+            volume.size()
+        ));
+    }
+    discard(volume.backing(), volume.size())
+        .map_err(|e| format!("cannot discard the volume's old content: {e}"))?;
+
+    let mut writer = Qcow2Writer::new(volume, &qcow2, &map, params);
+    for mapping in qcow2.mappings() {
+        let mapping = mapping.map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
+        writer.add(mapping)?;
+        if guard.faulted() {
+            return Err(shrank());
+        }
+    }
+    writer.flush_compressed()?;
+    check_image_len(&source, params.image_len)?;
+    if guard.faulted() {
+        return Err(shrank());
+    }
+
+    volume
+        .backing()
+        .sync_data()
+        .map_err(|e| format!("cannot make the volume durable: {e}"))?;
+    Ok(writer.stats)
+}
+
+/// Bytes of compressed clusters inflated per batch: bounds memory whatever the cluster size.
+const COMPRESSED_BATCH_BYTES: u64 = 16 << 20;
+
+/// Walks a qcow2 image's mappings and writes them to the volume.
+struct Qcow2Writer<'a, 'i> {
+    volume: &'a VolumeFile,
+    image: &'a Qcow2Image<'i>,
+    map: &'a Mmap,
+    params: RefillParams<'a>,
+    started: std::time::Instant,
+    /// Compressed clusters waiting to be inflated, in guest order.
+    batch: Vec<Mapping>,
+    /// One output buffer per batch slot, reused across batches.
+    buffers: Vec<Vec<u8>>,
+    decompressors: Vec<Decompressor>,
+    stats: RefillStats,
+}
+
+impl<'a, 'i> Qcow2Writer<'a, 'i> {
+    fn new(
+        volume: &'a VolumeFile,
+        image: &'a Qcow2Image<'i>,
+        map: &'a Mmap,
+        params: RefillParams<'a>,
+    ) -> Self {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            volume,
+            image,
+            map,
+            params,
+            started: std::time::Instant::now(),
+            batch: Vec::new(),
+            buffers: Vec::new(),
+            decompressors: (0..workers).map(|_| Decompressor::new()).collect(),
+            stats: RefillStats::default(),
+        }
+    }
+
+    fn add(&mut self, mapping: Mapping) -> Result<(), String> {
+        check_cancel(self.params.cancel)?;
+        match mapping.extent {
+            Extent::Zero => self.advance(mapping.guest_offset + mapping.len),
+            Extent::Data { host_offset } => {
+                self.flush_compressed()?;
+                self.write_data(&mapping, host_offset)?;
+            }
+            Extent::Compressed { .. } => {
+                self.batch.push(mapping);
+                let cluster = self.image.cluster_size();
+                if self.batch.len() as u64 * cluster >= COMPRESSED_BATCH_BYTES {
+                    self.flush_compressed()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a data run window by window, releasing the mapping's pages behind it.
+    fn write_data(&mut self, mapping: &Mapping, host_offset: u64) -> Result<(), String> {
+        let bytes = self
+            .image
+            .host_bytes(mapping)
+            .ok_or_else(|| "the qcow2 image maps data outside the file".to_string())?;
+        let window = self.params.window;
+        for start in (0..bytes.len()).step_by(window) {
+            check_cancel(self.params.cancel)?;
+            let end = (start + window).min(bytes.len());
+            let guest = mapping.guest_offset + start as u64;
+            self.stats.written += write_nonzero_runs(self.volume, &bytes[start..end], guest)?;
+            release(self.map, (host_offset as usize) + start, end - start);
+            self.advance(guest + (end - start) as u64);
+        }
+        Ok(())
+    }
+
+    /// Inflates the pending compressed clusters in parallel, then writes them in order.
+    fn flush_compressed(&mut self) -> Result<(), String> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let cluster = self.image.cluster_size() as usize;
+        self.buffers.resize_with(self.batch.len(), Vec::new);
+        for buffer in &mut self.buffers {
+            buffer.resize(cluster, 0);
+        }
+
+        let per_worker = self.batch.len().div_ceil(self.decompressors.len());
+        let image = self.image;
+        let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+            let jobs = self
+                .batch
+                .chunks(per_worker)
+                .zip(self.buffers.chunks_mut(per_worker))
+                .zip(self.decompressors.iter_mut());
+            let handles: Vec<_> = jobs
+                .map(|((mappings, buffers), decompressor)| {
+                    scope.spawn(move || {
+                        for (mapping, buffer) in mappings.iter().zip(buffers.iter_mut()) {
+                            image
+                                .decompress_cluster_with(decompressor, mapping, buffer)
+                                .map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("a decompressor panicked".into()))
+                })
+                .collect()
+        });
+        results.into_iter().collect::<Result<Vec<()>, String>>()?;
+
+        let batch = std::mem::take(&mut self.batch);
+        let buffers = std::mem::take(&mut self.buffers);
+        for (mapping, buffer) in batch.iter().zip(&buffers) {
+            let len = mapping.len as usize;
+            self.stats.written +=
+                write_nonzero_runs(self.volume, &buffer[..len], mapping.guest_offset)?;
+            if let Extent::Compressed {
+                host_offset,
+                compressed_len,
+                ..
+            } = mapping.extent
+            {
+                release(self.map, host_offset as usize, compressed_len as usize);
+            }
+            self.advance(mapping.guest_offset + mapping.len);
+        }
+        self.batch = batch;
+        self.batch.clear();
+        self.buffers = buffers;
+        Ok(())
+    }
+
+    fn advance(&mut self, guest_end: u64) {
+        self.stats.scanned = guest_end;
+        self.volume.refill_done.store(guest_end, Ordering::Release);
+        pace(self.started, guest_end, self.params.rate_limit);
+    }
+}
+
+/// Drops the mapping's pages of `[start, start + len)` from this process (page-aligned
+/// inside), so a long refill does not accumulate the whole image in its resident set.
+fn release(map: &Mmap, start: usize, len: usize) {
+    let page = 4096;
+    let first = start.div_ceil(page) * page;
+    let end = (start + len).min(map.len()) / page * page;
+    if end > first {
+        // SAFETY: the range lies inside our read-only file mapping; dropping its pages only
+        // makes later accesses fault them in again from the file.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+        };
+    }
 }
 
 fn check_image_len(source: &File, expected: u64) -> Result<(), String> {
@@ -193,15 +474,7 @@ mod tests {
         image[3 * BLOCK + 99] = 1;
         let (_dir, vol, path) = setup(64 * 1024, &image);
 
-        let stats = refill_raw(
-            &vol,
-            &path,
-            image.len() as u64,
-            8192,
-            0,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        let stats = refill_raw(&vol, &path, params(image.len() as u64, 8192, &NO_CANCEL)).unwrap();
 
         let mut content = vec![0u8; 64 * 1024];
         vol.read_at(&mut content, 0).unwrap();
@@ -213,15 +486,42 @@ mod tests {
     #[test]
     fn changed_image_length_fails() {
         let (_dir, vol, path) = setup(8192, &[1u8; 4096]);
-        let err = refill_raw(&vol, &path, 5000, 4096, 0, &AtomicBool::new(false)).unwrap_err();
+        let err = refill_raw(&vol, &path, params(5000, 4096, &NO_CANCEL)).unwrap_err();
         assert!(err.contains("changed on disk"), "{err}");
     }
 
     #[test]
     fn cancel_stops_the_refill() {
         let (_dir, vol, path) = setup(1 << 20, &[1u8; 1 << 20]);
-        let err = refill_raw(&vol, &path, 1 << 20, 4096, 0, &AtomicBool::new(true)).unwrap_err();
+        let cancel = AtomicBool::new(true);
+        let err = refill_raw(&vol, &path, params(1 << 20, 4096, &cancel)).unwrap_err();
         assert!(err.contains("cancelled"), "{err}");
+    }
+
+    static NO_CANCEL: AtomicBool = AtomicBool::new(false);
+
+    fn params(image_len: u64, window: usize, cancel: &AtomicBool) -> RefillParams<'_> {
+        RefillParams {
+            image_len,
+            expected_hash: None,
+            window,
+            rate_limit: 0,
+            cancel,
+        }
+    }
+
+    #[test]
+    fn corrupt_image_is_refused() {
+        let (_dir, vol, path) = setup(8192, &[3u8; 4096]);
+        let mut p = params(4096, 4096, &NO_CANCEL);
+        p.expected_hash = Some(12345);
+        let err = refill_raw(&vol, &path, p).unwrap_err();
+        assert!(err.contains("corrupt"), "{err}");
+
+        let mut hasher = new_hasher();
+        hasher.update(&[3u8; 4096]);
+        p.expected_hash = Some(hasher.digest128());
+        refill_raw(&vol, &path, p).unwrap();
     }
 
     #[test]

@@ -206,10 +206,14 @@ impl VolumeFile {
 
     /// Claims the right to run a refill; false if one is already running.
     pub fn start_refill(&self) -> bool {
-        self.refill_done.store(0, Ordering::Release);
-        self.refill_running
+        let claimed = self
+            .refill_running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if claimed {
+            self.refill_done.store(0, Ordering::Release);
+        }
+        claimed
     }
 
     /// Releases the right taken by [`VolumeFile::start_refill`].
