@@ -303,8 +303,9 @@ class Report:
             imp = self.imports.get(image, {})
             imp_text = ""
             if imp:
+                rate = imp["bytes"] / MIB / imp["seconds"]
                 imp_text = (f"; its upload to volumed took {imp['seconds']:.1f} s "
-                            f"({imp['bytes'] / MIB / imp['seconds']:.0f} MiB/s, not measured below)")
+                            f"({rate:.0f} MiB/s, not part of the times below)")
             self.out(
                 f"- {image} image: {info.get('bytes', 0) / MIB:.0f} MiB, "
                 f"{info.get('data', 0) / MIB:.0f} MiB of it random data{imp_text}"
@@ -317,7 +318,8 @@ class Report:
             ("read", "reading the image alone (`cat`)"),
             ("dd", "`dd bs=16M conv=fsync,notrunc` of the image (into punched space)"),
         ]
-        self.out("| method | dense: s | dense: MiB/s of image | sparse: s | sparse: MiB/s of data |")
+        self.out("| method | dense: s | dense: MiB/s of image | sparse: s "
+                 "| sparse: MiB/s of data |")
         self.out("|---|---|---|---|---|")
         for method, label in methods:
             cells = []
@@ -385,7 +387,8 @@ class Report:
         errors, _ = self.verify_errors("volumed")
         failed = [j[0] for j in JOBS if self.metric("volumed", j)[2]]
         text = f"{errors} verify errors" + (f"; failed jobs: {', '.join(failed)}" if failed else "")
-        self.out(f"| zero verify errors on volumed | {text} | {verdict(errors == 0 and not failed)} |")
+        ok = errors == 0 and not failed
+        self.out(f"| zero verify errors on volumed | {text} | {verdict(ok)} |")
         qsd_errors = {t: self.verify_errors(t)[0] for t in ("qsd", "qsd-direct")}
         self.out(f"| (for reference) verify errors of qsd | default {qsd_errors['qsd']}, "
                  f"direct {qsd_errors['qsd-direct']} | |")
@@ -394,7 +397,8 @@ class Report:
         dd, _ = self.best("dense", "dd")
         r = ratio(dd, vd)
         self.out(f"| dense re-image >= 0.9x the disk's write rate (dd) | {fmt_ratio(r)} "
-                 f"({fmt_num(vd, 2)} s vs dd {fmt_num(dd, 2)} s) | {verdict(r is not None and r >= 0.9)} |")
+                 f"({fmt_num(vd, 2)} s vs dd {fmt_num(dd, 2)} s) | "
+                 f"{verdict(r is not None and r >= 0.9)} |")
 
         vs, _ = self.best("sparse", "volumed")
         dense_data = self.images.get("dense", {}).get("data", 0)
@@ -412,7 +416,8 @@ class Report:
         cinder, _ = self.best("sparse", "cinder")
         r = ratio(cinder, vs)
         self.out(f"| sparse re-image >= 3x faster than Cinder's copy | {fmt_ratio(r)} "
-                 f"({fmt_num(vs, 2)} s vs {fmt_num(cinder, 2)} s) | {verdict(r is not None and r >= 3)} |")
+                 f"({fmt_num(vs, 2)} s vs {fmt_num(cinder, 2)} s) | "
+                 f"{verdict(r is not None and r >= 3)} |")
         for image in ("dense", "sparse"):
             v, _ = self.best(image, "volumed")
             f, _ = self.best(image, "fastest")

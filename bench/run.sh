@@ -18,6 +18,9 @@
 # undone, also when it fails or is interrupted; then the work directory is removed.
 
 set -euo pipefail
+# Job control: each background job gets its own process group, so the cleanup can stop a
+# running step (a pipeline included) by its pid without touching anything else.
+set -m
 
 BENCH_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_SRC/.." && pwd)
@@ -69,6 +72,7 @@ CREATED_BENCH_DIR=0
 VOLUMED_PID=""
 declare -A QSD_PIDS=()      # mount file -> pid
 SAMPLER_PID=""
+STEP_PID=""                 # the step running now (see `step`)
 
 is_mounted() {
     # /proc/self/mountinfo escapes spaces as \040; our paths have none (checked below).
@@ -127,6 +131,10 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    if [ -n "$STEP_PID" ]; then
+        kill -TERM -- "-$STEP_PID" 2>/dev/null
+        wait "$STEP_PID" 2>/dev/null
+    fi
     stop_sampler
     stop_volumed
     for mnt in "${!QSD_PIDS[@]}"; do
@@ -188,8 +196,22 @@ record() {
 }
 
 now() { printf '%s' "$EPOCHREALTIME"; }
+since() { python3 -c "print($(now) - $1)"; }
+
+# step COMMAND...: runs a long step as a background job and waits for it, so that Ctrl-C or
+# SIGTERM reaches the cleanup at once (bash defers traps until a foreground child ends).
+step() {
+    local rc=0
+    "$@" &
+    STEP_PID=$!
+    wait "$STEP_PID" || rc=$?
+    STEP_PID=""
+    return "$rc"
+}
 
 # ----- volumed ------------------------------------------------------------------------------
+
+build_as_self() { cd "$REPO" && cargo build --release --quiet; }
 
 if [ -n "${VOLUMED:-}" ]; then
     [ -x "$VOLUMED" ] || die "VOLUMED=$VOLUMED is not an executable"
@@ -197,11 +219,11 @@ if [ -n "${VOLUMED:-}" ]; then
 else
     log "building volumed (cargo build --release)"
     if command -v cargo >/dev/null 2>&1; then
-        (cd "$REPO" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
+        step build_as_self >&2 || die "cargo build --release failed"
     elif [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
         # sudo's PATH rarely has ~/.cargo/bin: build as the invoking user, in a login shell.
-        runuser -u "$SUDO_USER" -- bash -lc "cd '$REPO' && cargo build --release --quiet" >&2 ||
-            die "cargo build --release (as $SUDO_USER) failed"
+        step runuser -u "$SUDO_USER" -- bash -lc "cd '$REPO' && cargo build --release --quiet" \
+            >&2 || die "cargo build --release (as $SUDO_USER) failed"
     else
         die "cargo is not on PATH; build first and pass VOLUMED=path/to/volumed"
     fi
@@ -263,7 +285,7 @@ create_volume() {
     [ -e "$VD/mnt/$name" ] || die "volume $name has no file in the mount"
 }
 
-# import_image NAME FILE: creates a raw image, uploads FILE, prints the image id.
+# import_image NAME FILE: creates a raw image, uploads FILE, writes its id to NAME.id.
 import_image() {
     local name=$1 file=$2 id status started
     id=$(api_ok POST /v2/images \
@@ -274,9 +296,9 @@ import_image() {
         -H 'Content-Type: application/octet-stream' -H 'Expect:' -T "$file" \
         "http://localhost/v2/images/$id/file")
     [ "$status" = 204 ] || die "upload of $file answered $status"
-    record kind=import image="$name" seconds="$(python3 -c "print($(now) - $started)")" \
+    record kind=import image="$name" seconds="$(since "$started")" \
         bytes="$(stat -c %s "$file")"
-    printf '%s' "$id"
+    printf '%s' "$id" >"$WORK/images/$name.id"
 }
 
 # ----- qemu-storage-daemon ------------------------------------------------------------------
@@ -317,14 +339,25 @@ VERIFY_WRITE=(--verify=crc32c --do_verify=1 --verify_fatal=1)
 declare -A TARGET_FILE=()
 TARGETS=(native volumed qsd qsd-direct)
 
+# fio_job FILE JOB OUTPUT_BASE ARGS...: one fio run in the fio directory (its state files stay
+# there), output in OUTPUT_BASE.json and .err. --foreground keeps fio in the step's process
+# group, where the cleanup finds it.
+fio_job() {
+    local file=$1 job=$2 base=$3
+    shift 3
+    cd "$WORK/fio"
+    exec 2>"$base.err"
+    timeout --foreground -k 10 900 fio --name="$job" --filename="$file" "${FIO_COMMON[@]}" \
+        "$@" --output="$base.json"
+}
+
 # run_fio TARGET JOB ARGS...: one fio job from a cold page cache; a failure is a result.
 run_fio() {
     local target=$1 job=$2
     shift 2
     local base="$WORK/fio/$target.$job" rc=0
     drop_caches
-    (cd "$WORK/fio" && timeout -k 10 900 fio --name="$job" --filename="${TARGET_FILE[$target]}" \
-        "${FIO_COMMON[@]}" "$@" --output="$base.json") 2>"$base.err" || rc=$?
+    step fio_job "${TARGET_FILE[$target]}" "$job" "$base" "$@" || rc=$?
     record kind=fio target="$target" job="$job" rc="$rc" json="$base.json" err="$base.err"
     if [ "$rc" != 0 ]; then
         log "fio $job on $target exited $rc: $(grep -m 1 -i -e verify -e error "$base.err" || true)"
@@ -431,10 +464,11 @@ status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 reimage_volumed() {
     local image=$1 image_id=$2 round=$3
-    local vol="$VD/mnt/reimage" samples="$WORK/rss.$image.$round" started finished tries=0 out
+    local vol="$VD/mnt/reimage" samples="$WORK/rss.$image.$round" view
+    local started seconds tries=0 out
 
     log "re-image ($image, round $round): filling the volume with old data"
-    fill_old "$vol" "$VOLUME_SIZE"
+    step fill_old "$vol" "$VOLUME_SIZE"
     drop_caches
 
     local idle hwm
@@ -454,38 +488,38 @@ reimage_volumed() {
         [ "$tries" -lt 36000 ] || die "the re-image did not finish within 30 minutes"
         sleep 0.05
     done
-    finished=$(now)
+    seconds=$(since "$started")
     hwm=$(status_kib "$VOLUMED_PID" VmHWM)
     stop_sampler
 
-    printf '%s' "$out" >"$WORK/reimage.$image.$round.json"
+    view="$WORK/reimage.$image.$round.json"
+    printf '%s' "$out" >"$view"
     [ "$(json_get volume.reimage.state <<<"$out")" = succeeded ] ||
         die "the re-image with $image failed: $(json_get volume.reimage.message <<<"$out")"
     record kind=reimage image="$image" method=volumed round="$round" \
-        seconds="$(python3 -c "print($finished - $started)")" view="$WORK/reimage.$image.$round.json" \
-        idle_rss_kib="$idle" hwm_kib="$hwm" samples="$samples"
+        seconds="$seconds" view="$view" idle_rss_kib="$idle" hwm_kib="$hwm" samples="$samples"
 }
 
 # timed IMAGE METHOD ROUND COMMAND...: times COMMAND from a cold page cache.
 timed() {
-    local image=$1 method=$2 round=$3 started finished
+    local image=$1 method=$2 round=$3 started seconds
     shift 3
     drop_caches
     log "re-image ($image, round $round): $method"
     started=$(now)
-    "$@" || die "$method failed: $*"
-    finished=$(now)
-    record kind=reimage image="$image" method="$method" round="$round" \
-        seconds="$(python3 -c "print($finished - $started)")"
+    step "$@" || die "$method failed: $*"
+    seconds=$(since "$started")
+    record kind=reimage image="$image" method="$method" round="$round" seconds="$seconds"
 }
 
 cinder_copy() {
-    timeout 3600 qemu-img convert -n -f raw -O raw -S 0 -t none "$1" "$2" && sync "$2"
+    timeout --foreground 3600 qemu-img convert -n -f raw -O raw -S 0 -t none "$1" "$2" && sync "$2"
 }
 
 fastest_qemu_img() {
     fallocate -p -o 0 -l "$VOLUME_SIZE" "$2" &&
-        timeout 3600 qemu-img convert -n --target-is-zero -f raw -O raw -t none "$1" "$2" &&
+        timeout --foreground 3600 \
+            qemu-img convert -n --target-is-zero -f raw -O raw -t none "$1" "$2" &&
         sync "$2"
 }
 
@@ -494,7 +528,7 @@ read_alone() { cat "$1" >/dev/null; }
 dd_copy() { dd if="$1" of="$2" bs=16M conv=fsync,notrunc status=none; }
 
 reimage_part() {
-    make_images
+    step make_images
     create_volume reimage "$VOLUME_GIB"
     local target="$WORK/target.raw" image id round
     truncate -s "$VOLUME_SIZE" "$target"
@@ -502,7 +536,8 @@ reimage_part() {
     declare -A ids=()
     for image in dense sparse; do
         log "importing the $image image into volumed"
-        ids[$image]=$(import_image "$image" "$WORK/images/$image.raw")
+        step import_image "$image" "$WORK/images/$image.raw"
+        ids[$image]=$(cat "$WORK/images/$image.id")
     done
 
     for ((round = 1; round <= REPEAT; round++)); do
@@ -510,10 +545,10 @@ reimage_part() {
             local file="$WORK/images/$image.raw"
             reimage_volumed "$image" "${ids[$image]}" "$round"
 
-            fill_old "$target" "$VOLUME_SIZE"
+            step fill_old "$target" "$VOLUME_SIZE"
             timed "$image" cinder "$round" cinder_copy "$file" "$target"
 
-            fill_old "$target" "$VOLUME_SIZE"
+            step fill_old "$target" "$VOLUME_SIZE"
             timed "$image" fastest "$round" fastest_qemu_img "$file" "$target"
 
             timed "$image" read "$round" read_alone "$file"
@@ -542,7 +577,8 @@ machine_info() {
         qemu_version="$(qemu-img --version | head -n 1)" \
         volumed_commit="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
         fio_runtime="$FIO_RUNTIME" fio_size="$FIO_SIZE" volume_size="$VOLUME_SIZE" \
-        repeat="$REPEAT" fuse_max_pages="$(cat /proc/sys/fs/fuse/max_pages_limit 2>/dev/null || echo '?')"
+        repeat="$REPEAT" \
+        fuse_max_pages="$(cat /proc/sys/fs/fuse/max_pages_limit 2>/dev/null || echo '?')"
 }
 
 started_run=$(now)
@@ -550,7 +586,7 @@ machine_info
 start_volumed
 fio_part
 reimage_part
-record kind=run seconds="$(python3 -c "print($(now) - $started_run)")"
+record kind=run seconds="$(since "$started_run")"
 stop_volumed
 
 report="$REPO/bench/results-$(date +%Y-%m-%d-%H%M).md"

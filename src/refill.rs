@@ -1,11 +1,14 @@
 //! The refill: destroys a volume's content and writes an image into it.
 //!
-//! 1. The backing file is discarded whole (holes punched, or zeroed where the file system
-//!    cannot punch), so no byte of the old content survives, past the image's end included.
-//! 2. The image is mapped read-only in fixed windows. Each window is scanned in blocks; runs
-//!    of non-zero blocks are written to the backing file straight from the mapping (no
-//!    intermediate buffer) and all-zero blocks stay holes. Only one window is mapped at a
-//!    time, so memory stays bounded whatever the image size.
+//! 1. The image is mapped read-only in fixed windows. Each window is scanned in blocks; runs
+//!    of non-zero blocks overwrite the backing file in place, straight from the mapping (no
+//!    intermediate buffer); runs of zero blocks, the image's holes (skipped with
+//!    `SEEK_DATA`, so a sparse image costs time in proportion to its data) and everything past
+//!    its end are punched, or zeroed where the file system cannot punch. Every byte of the
+//!    volume is thus written or destroyed: nothing of the old content survives. Overwriting
+//!    in place, rather than punching the whole volume first, spares the file system from
+//!    allocating every block again, which costs as much as the writes themselves.
+//! 2. Only one window is mapped at a time, so memory stays bounded whatever the image size.
 //! 3. The backing file is made durable before the caller changes the volume's status.
 //!
 //! A shrinking or unreadable image fails the refill, never the daemon: scans run under a
@@ -22,7 +25,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::qcow2::{Decompressor, Extent, Mapping, Qcow2Image};
 use crate::sigbus;
-use crate::volume::{discard, VolumeFile};
+use crate::volume::{discard_range, VolumeFile};
 
 /// Granularity of hole detection: the block size of the file systems we back volumes on.
 const BLOCK: usize = 4096;
@@ -92,17 +95,29 @@ pub fn refill_raw(
         ));
     }
 
-    discard(volume.backing(), volume.size())
-        .map_err(|e| format!("cannot discard the volume's old content: {e}"))?;
+    let target = Target::new(volume);
 
+    // Holes of a sparse image cost nothing: SEEK_DATA skips them (the hash takes their zeros
+    // from memory), so the time follows the image's data, not its size.
     let mut stats = RefillStats::default();
     let mut hasher = new_hasher();
     let mut offset = 0u64;
     let started = std::time::Instant::now();
     while offset < image_len {
         check_cancel(cancel)?;
-        let len = (image_len - offset).min(window as u64) as usize;
-        stats.written += refill_window(volume, &source, offset, len, &mut hasher)?;
+        let data = seek(&source, offset, libc::SEEK_DATA)?.unwrap_or(image_len);
+        let data = (data / PAGE * PAGE).clamp(offset, image_len);
+        hash_zeros(&mut hasher, data - offset);
+        target.zero(offset, data - offset)?;
+        offset = data;
+        if offset == image_len {
+            break;
+        }
+
+        let hole = seek(&source, offset, libc::SEEK_HOLE)?.unwrap_or(image_len);
+        let len = (hole.min(image_len) - offset).clamp(1, window as u64) as usize;
+        prefetch(&source, offset + len as u64, window);
+        stats.written += refill_window(&target, &source, offset, len, &mut hasher)?;
         check_image_len(&source, image_len)?;
 
         offset += len as u64;
@@ -110,13 +125,59 @@ pub fn refill_raw(
         volume.refill_done.store(offset, Ordering::Release);
         pace(started, offset, rate_limit);
     }
+    stats.scanned = image_len;
+    volume.refill_done.store(image_len, Ordering::Release);
     check_hash(&hasher, params.expected_hash)?;
 
-    volume
-        .backing()
-        .sync_data()
-        .map_err(|e| format!("cannot make the volume durable: {e}"))?;
+    target.zero(image_len, volume.size() - image_len)?;
+    target.sync()?;
     Ok(stats)
+}
+
+const PAGE: u64 = 4096;
+
+/// `lseek` for `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no more data (`ENXIO`).
+fn seek(source: &File, offset: u64, whence: i32) -> Result<Option<u64>, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; it only moves that descriptor's offset.
+    let found = unsafe { libc::lseek(source.as_raw_fd(), offset as libc::off_t, whence) };
+    if found >= 0 {
+        return Ok(Some(found as u64));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        // A file system without SEEK_DATA: everything is data.
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if whence == libc::SEEK_DATA => {
+            Ok(Some(offset))
+        }
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(format!("cannot find the image's data: {err}")),
+    }
+}
+
+/// Feeds `len` zero bytes to `hasher` without touching the image.
+fn hash_zeros(hasher: &mut Xxh3, mut len: u64) {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
+/// Starts reading the next window from disk while the current one is written.
+fn prefetch(source: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only hints the kernel about a descriptor we own.
+    unsafe {
+        libc::posix_fadvise(
+            source.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
 }
 
 fn check_cancel(cancel: &AtomicBool) -> Result<(), String> {
@@ -128,7 +189,7 @@ fn check_cancel(cancel: &AtomicBool) -> Result<(), String> {
 
 /// Maps `[offset, offset + len)` of `source` and writes its non-zero blocks to the volume.
 fn refill_window(
-    volume: &VolumeFile,
+    target: &Target<'_>,
     source: &File,
     offset: u64,
     len: usize,
@@ -144,7 +205,7 @@ fn refill_window(
         .ok_or_else(|| "too many refills running at once".to_string())?;
 
     hasher.update(&map);
-    let written = write_nonzero_runs(volume, &map, offset)?;
+    let written = write_nonzero_runs(target, &map, offset)?;
 
     if guard.faulted() {
         return Err(format!(
@@ -165,29 +226,45 @@ fn pace(started: std::time::Instant, done: u64, rate_limit: u64) {
     }
 }
 
-/// Writes the runs of non-zero blocks of `data` at `offset`; zero blocks stay holes.
-fn write_nonzero_runs(volume: &VolumeFile, data: &[u8], offset: u64) -> Result<u64, String> {
+/// Writes the runs of non-zero blocks of `data` at `offset`; destroys the zero runs.
+fn write_nonzero_runs(target: &Target<'_>, data: &[u8], offset: u64) -> Result<u64, String> {
     let mut written = 0u64;
-    let mut run_start: Option<usize> = None;
+    let mut run_start = 0usize;
+    let mut run_is_zero: Option<bool> = None;
     for block_start in (0..data.len()).step_by(BLOCK) {
         let block = &data[block_start..(block_start + BLOCK).min(data.len())];
-        match (is_zero(block), run_start) {
-            (false, None) => run_start = Some(block_start),
-            (true, Some(start)) => {
-                written += write_run(volume, &data[start..block_start], offset + start as u64)?;
-                run_start = None;
-            }
-            _ => {}
+        let zero = is_zero(block);
+        if run_is_zero.is_some_and(|z| z != zero) {
+            written += finish_run(target, &data[run_start..block_start], offset, run_start, !zero)?;
+            run_start = block_start;
         }
+        run_is_zero = Some(zero);
     }
-    if let Some(start) = run_start {
-        written += write_run(volume, &data[start..], offset + start as u64)?;
+    if let Some(zero) = run_is_zero {
+        written += finish_run(target, &data[run_start..], offset, run_start, zero)?;
     }
     Ok(written)
 }
 
-fn write_run(volume: &VolumeFile, run: &[u8], offset: u64) -> Result<u64, String> {
-    volume.backing().write_all_at(run, offset).map_err(|e| {
+/// Writes `run` at `offset + start`, or destroys that range when the run is zeros.
+fn finish_run(
+    target: &Target<'_>,
+    run: &[u8],
+    offset: u64,
+    start: usize,
+    zero: bool,
+) -> Result<u64, String> {
+    let at = offset + start as u64;
+    if zero {
+        target.zero(at, run.len() as u64)?;
+        return Ok(0);
+    }
+    target.flush_zero()?;
+    write_run(target, run, at)
+}
+
+fn write_run(target: &Target<'_>, run: &[u8], offset: u64) -> Result<u64, String> {
+    target.write(run, offset).map_err(|e| {
         if e.raw_os_error() == Some(libc::EFAULT) {
             format!("the image became unreadable near offset {offset}: it shrank during the refill")
         } else {
@@ -242,10 +319,8 @@ pub fn refill_qcow2(
             volume.size()
         ));
     }
-    discard(volume.backing(), volume.size())
-        .map_err(|e| format!("cannot discard the volume's old content: {e}"))?;
-
-    let mut writer = Qcow2Writer::new(volume, &qcow2, &map, params);
+    let target = Target::new(volume);
+    let mut writer = Qcow2Writer::new(&target, &qcow2, &map, params);
     for mapping in qcow2.mappings() {
         let mapping = mapping.map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
         writer.add(mapping)?;
@@ -254,15 +329,13 @@ pub fn refill_qcow2(
         }
     }
     writer.flush_compressed()?;
+    target.zero(qcow2.virtual_size(), volume.size() - qcow2.virtual_size())?;
     check_image_len(&source, params.image_len)?;
     if guard.faulted() {
         return Err(shrank());
     }
 
-    volume
-        .backing()
-        .sync_data()
-        .map_err(|e| format!("cannot make the volume durable: {e}"))?;
+    target.sync()?;
     Ok(writer.stats)
 }
 
@@ -271,7 +344,7 @@ const COMPRESSED_BATCH_BYTES: u64 = 16 << 20;
 
 /// Walks a qcow2 image's mappings and writes them to the volume.
 struct Qcow2Writer<'a, 'i> {
-    volume: &'a VolumeFile,
+    target: &'a Target<'a>,
     image: &'a Qcow2Image<'i>,
     map: &'a Mmap,
     params: RefillParams<'a>,
@@ -286,14 +359,14 @@ struct Qcow2Writer<'a, 'i> {
 
 impl<'a, 'i> Qcow2Writer<'a, 'i> {
     fn new(
-        volume: &'a VolumeFile,
+        target: &'a Target<'a>,
         image: &'a Qcow2Image<'i>,
         map: &'a Mmap,
         params: RefillParams<'a>,
     ) -> Self {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
-            volume,
+            target,
             image,
             map,
             params,
@@ -308,7 +381,11 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
     fn add(&mut self, mapping: Mapping) -> Result<(), String> {
         check_cancel(self.params.cancel)?;
         match mapping.extent {
-            Extent::Zero => self.advance(mapping.guest_offset + mapping.len),
+            Extent::Zero => {
+                self.flush_compressed()?;
+                self.target.zero(mapping.guest_offset, mapping.len)?;
+                self.advance(mapping.guest_offset + mapping.len);
+            }
             Extent::Data { host_offset } => {
                 self.flush_compressed()?;
                 self.write_data(&mapping, host_offset)?;
@@ -335,7 +412,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
             check_cancel(self.params.cancel)?;
             let end = (start + window).min(bytes.len());
             let guest = mapping.guest_offset + start as u64;
-            self.stats.written += write_nonzero_runs(self.volume, &bytes[start..end], guest)?;
+            self.stats.written += write_nonzero_runs(self.target, &bytes[start..end], guest)?;
             release(self.map, (host_offset as usize) + start, end - start);
             self.advance(guest + (end - start) as u64);
         }
@@ -388,7 +465,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         for (mapping, buffer) in batch.iter().zip(&buffers) {
             let len = mapping.len as usize;
             self.stats.written +=
-                write_nonzero_runs(self.volume, &buffer[..len], mapping.guest_offset)?;
+                write_nonzero_runs(self.target, &buffer[..len], mapping.guest_offset)?;
             if let Extent::Compressed {
                 host_offset,
                 compressed_len,
@@ -407,7 +484,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
 
     fn advance(&mut self, guest_end: u64) {
         self.stats.scanned = guest_end;
-        self.volume.refill_done.store(guest_end, Ordering::Release);
+        self.target.volume.refill_done.store(guest_end, Ordering::Release);
         pace(self.started, guest_end, self.params.rate_limit);
     }
 }
@@ -438,6 +515,79 @@ fn check_image_len(source: &File, expected: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Where a refill writes: the volume's backing file, through a second descriptor opened
+/// with `O_DIRECT` where the file system allows it. Direct writes skip the page cache, so a
+/// refill neither evicts the host's cache nor leaves gigabytes of dirty pages to flush at the
+/// end; writes that are not page-aligned (an image's last partial block, small clusters) go
+/// through the ordinary descriptor. Ranges to destroy are gathered and punched in one call
+/// while they follow each other.
+pub struct Target<'a> {
+    volume: &'a VolumeFile,
+    direct: Option<File>,
+    pending_zero: std::cell::Cell<Option<(u64, u64)>>,
+}
+
+impl<'a> Target<'a> {
+    /// Opens the direct descriptor of `volume`'s backing file, if possible.
+    pub fn new(volume: &'a VolumeFile) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = File::options()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(volume.backing_path())
+            .ok();
+        Self {
+            volume,
+            direct,
+            pending_zero: std::cell::Cell::new(None),
+        }
+    }
+
+    fn write(&self, run: &[u8], offset: u64) -> std::io::Result<()> {
+        const ALIGN: usize = 4096;
+        let aligned = run.as_ptr() as usize % ALIGN == 0
+            && run.len() % ALIGN == 0
+            && offset % ALIGN as u64 == 0;
+        match &self.direct {
+            Some(direct) if aligned => direct.write_all_at(run, offset),
+            _ => self.volume.backing().write_all_at(run, offset),
+        }
+    }
+
+    /// Destroys `[offset, offset + len)`; adjacent ranges are punched in one call.
+    fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some((start, end)) = self.pending_zero.get() {
+            if end == offset {
+                self.pending_zero.set(Some((start, offset + len)));
+                return Ok(());
+            }
+        }
+        self.flush_zero()?;
+        self.pending_zero.set(Some((offset, offset + len)));
+        Ok(())
+    }
+
+    fn flush_zero(&self) -> Result<(), String> {
+        if let Some((start, end)) = self.pending_zero.take() {
+            discard_range(self.volume.backing(), start, end - start)
+                .map_err(|e| format!("cannot discard the volume at offset {start}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written durable.
+    fn sync(&self) -> Result<(), String> {
+        self.flush_zero()?;
+        self.volume
+            .backing()
+            .sync_data()
+            .map_err(|e| format!("cannot make the volume durable: {e}"))
+    }
 }
 
 /// Whether every byte of `block` is zero.

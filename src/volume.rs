@@ -254,17 +254,22 @@ pub fn fallocate(file: &File, mode: i32, offset: u64, length: u64) -> io::Result
 /// Destroys every byte of `[0, len)` in `file`: punches holes, or zeroes where the file
 /// system cannot punch.
 pub fn discard(file: &File, len: u64) -> io::Result<()> {
+    discard_range(file, 0, len)
+}
+
+/// Destroys every byte of `[offset, offset + len)` in `file`, as [`discard`] does.
+pub fn discard_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    match fallocate(file, punch, 0, len) {
+    match fallocate(file, punch, offset, len) {
         Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(e),
         Err(_) => {}
     }
     let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    match fallocate(file, zero, 0, len) {
+    match fallocate(file, zero, offset, len) {
         Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(e),
         Err(_) => {}
@@ -272,11 +277,12 @@ pub fn discard(file: &File, len: u64) -> io::Result<()> {
 
     // Last resort: write zeros from one static buffer (no copy of any image data).
     static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-    let mut offset = 0;
-    while offset < len {
-        let n = (len - offset).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..n], offset)?;
-        offset += n as u64;
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
     }
     Ok(())
 }
