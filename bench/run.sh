@@ -450,6 +450,7 @@ make_images() {
 start_sampler() {
     local file=$1 pid=$VOLUMED_PID
     (
+        trap 'exit 0' TERM # a normal end, not a job killed by a signal
         while [ -e "/proc/$pid/status" ]; do
             while read -r key value _; do
                 if [ "$key" = VmRSS: ]; then echo "$value"; fi

@@ -106,8 +106,20 @@ impl Config {
                 mode
             );
         }
-        if self.max_volume_size == 0 {
-            return Err("max_volume_size: must be at least 1 (GiB)".to_string());
+        // A byte count of the largest volume must fit comfortably in 64 bits.
+        if !(1..=MAX_VOLUME_GIB).contains(&self.max_volume_size) {
+            return Err(format!(
+                "max_volume_size: must be 1 to {MAX_VOLUME_GIB} (GiB), got {}",
+                self.max_volume_size
+            ));
+        }
+        if self.socket.starts_with(&self.mountpoint) || self.socket.starts_with(&self.state_dir) {
+            return Err("socket: must not be inside mountpoint or state_dir".to_string());
+        }
+        if let Some(group) = &self.socket_group {
+            if crate::identity::group_id(group).is_none() {
+                return Err(format!("socket_group: no group named {group:?}"));
+            }
         }
         if self.max_image_size == 0 {
             return Err("max_image_size: must be at least 1 (byte)".to_string());
@@ -127,8 +139,7 @@ impl Config {
         if self.admin_group.is_empty() {
             return Err("admin_group: must not be empty".to_string());
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| format!("log_level: {e}"))?;
+        validate_log_level(&self.log_level)?;
         crate::policy::Policy::new(&self.admin_group, &self.policy)
             .map_err(|e| format!("policy: {e}"))?;
         Ok(())
@@ -145,6 +156,30 @@ impl Config {
             )),
         }
     }
+}
+
+/// Largest `max_volume_size` in GiB (1 PiB).
+pub const MAX_VOLUME_GIB: u64 = 1 << 20;
+
+/// Accepts a level name, or comma-separated `target=level` directives.
+fn validate_log_level(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let valid = !text.is_empty()
+        && text.split(',').all(|directive| {
+            let (target, level) = directive.rsplit_once('=').unwrap_or(("x", directive));
+            LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
+                && !target.is_empty()
+                && target
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:-".contains(c))
+        });
+    if !valid {
+        return Err(format!(
+            "log_level: expected one of {} or target=level directives, got {text:?}",
+            LEVELS.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Adds the position toml reports, so "unknown field" errors also say where.

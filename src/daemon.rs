@@ -36,9 +36,20 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     let engine = Engine::open(config.clone(), store)?;
     Engine::register(&engine);
 
-    prepare_mountpoint(&config.mountpoint)?;
-    let session = crate::fuse::mount(engine.clone())
-        .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))?;
+    // The socket is bound before the mount, so a second daemon that only shares the socket
+    // path is refused before it touches anything, and never removes a live socket.
+    let listener = bind_socket(&config)?;
+    let session = prepare_mountpoint(&config.mountpoint).and_then(|()| {
+        crate::fuse::mount(engine.clone())
+            .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))
+    });
+    let session = match session {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = std::fs::remove_file(&config.socket);
+            return Err(e);
+        }
+    };
     tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,7 +57,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let served = runtime.block_on(serve(engine.clone(), &config, config_path));
+    let served = runtime.block_on(serve(engine.clone(), listener, &config, config_path));
 
     shutdown(&engine, &config, session);
     served
@@ -54,10 +65,12 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
 
 async fn serve(
     engine: Arc<Engine>,
+    listener: std::os::unix::net::UnixListener,
     config: &Config,
     config_path: Option<PathBuf>,
 ) -> Result<(), String> {
-    let listener = bind_socket(config)?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(crate::api::serve(listener, engine.clone(), stop_rx));
 
@@ -241,7 +254,7 @@ fn unmount(mountpoint: &Path) {
 }
 
 /// Binds the control socket: a stale socket file is replaced, a live one refused.
-fn bind_socket(config: &Config) -> Result<tokio::net::UnixListener, String> {
+fn bind_socket(config: &Config) -> Result<std::os::unix::net::UnixListener, String> {
     let path = &config.socket;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -282,8 +295,8 @@ fn bind_socket(config: &Config) -> Result<tokio::net::UnixListener, String> {
 
     listener
         .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixListener::from_std(listener))
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    Ok(listener)
 }
 
 /// Marks the process as an I/O flusher: memory reclaim must not wait on our own writes, or

@@ -233,7 +233,7 @@ impl Engine {
         // The file exists durably before the record that names it.
         let id = Uuid::new_v4();
         self.store
-            .create_volume_file(id, req.size * GIB)
+            .create_volume_file(id, req.size.saturating_mul(GIB))
             .map_err(|e| Error::io("cannot create the backing file", &e))?;
 
         let now = timestamp();
@@ -461,9 +461,27 @@ impl Engine {
                 &owner(&volume),
             )?;
             let attached = state.attachments.values().any(|a| a.volume_id == volume.id);
+            let refilling = self
+                .file_by_ino(volume.ino)
+                .is_some_and(|f| f.refill_running());
+            if refilling {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume {} is being re-imaged; its status is decided when the refill \
+                         ends",
+                        volume.name
+                    ),
+                ));
+            }
             match status {
                 Some(VolumeStatus::Deleting) => {
                     return Err(Error::invalid("Cannot reset-state to deleting"));
+                }
+                Some(VolumeStatus::Downloading) => {
+                    return Err(Error::invalid(
+                        "Cannot reset-state to downloading: only a re-image sets it",
+                    ));
                 }
                 Some(VolumeStatus::InUse) if !attached => {
                     return Err(Error::invalid(
@@ -685,6 +703,9 @@ impl Engine {
                 Err(reason) => {
                     reimage.state = ReimageState::Failed;
                     reimage.message = Some(reason.clone());
+                    if let Some(file) = self.file_by_ino(volume.ino) {
+                        reimage.bytes_done = file.refill_done.load(Ordering::Acquire);
+                    }
                 }
             }
         }
@@ -706,6 +727,9 @@ impl Engine {
                     });
                 }
                 Err(reason) => {
+                    // The content was discarded: no image describes it any more.
+                    record.image_metadata.clear();
+                    record.bootable = false;
                     record.previous_status = Some(VolumeStatus::Downloading);
                     record.status = VolumeStatus::Error;
                     record.status_reason = Some(format!(
@@ -1169,6 +1193,11 @@ impl Engine {
     ///
     /// `reimage <volume> <image id or name> [reimage_reserved]`
     pub fn control(&self, who: &Caller, line: &str) -> Result<()> {
+        if line.len() > 1024 || line.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(Error::invalid(
+                "a control line is at most 1024 characters without control characters",
+            ));
+        }
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["reimage", volume, image] => self.reimage(who, volume, image, false),
@@ -1245,7 +1274,8 @@ impl Engine {
         match found {
             Some(v) if self.policy().allows("volume:get", who, &owner(v)) => Ok(v),
             _ => Err(Error::not_found(format!(
-                "Volume {key} could not be found."
+                "Volume {} could not be found.",
+                shown(key)
             ))),
         }
     }
@@ -1257,7 +1287,7 @@ impl Engine {
         key: &str,
     ) -> Result<&'s ImageRecord> {
         let admin = self.policy().is_admin(who);
-        let not_found = || Error::not_found(format!("Image {key} could not be found."));
+        let not_found = || Error::not_found(format!("Image {} could not be found.", shown(key)));
         if let Ok(id) = key.parse::<Uuid>() {
             return state
                 .images
@@ -1510,6 +1540,20 @@ fn detect_format(head: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// A caller-supplied key as it may appear in a message: bounded and without control
+/// characters.
+fn shown(key: &str) -> String {
+    let mut text: String = key
+        .chars()
+        .take(80)
+        .flat_map(char::escape_default)
+        .collect();
+    if key.chars().count() > 80 {
+        text.push_str("...");
+    }
+    text
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1640,8 +1684,9 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if name.is_empty() || name.len() > 64 || !valid_chars || name.starts_with('.') {
         return Err(Error::invalid(format!(
-            "Invalid volume name {name:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ - and do \
-             not start with a dot"
+            "Invalid volume name \"{}\": use 1 to 64 characters of A-Z a-z 0-9 . _ - and \
+             do not start with a dot",
+            shown(name)
         )));
     }
     if name.parse::<Uuid>().is_ok() {
@@ -1693,6 +1738,8 @@ fn recover(store: &Store, state: &mut State) -> std::result::Result<(), String> 
         volume.previous_status = Some(VolumeStatus::Downloading);
         volume.status = VolumeStatus::Error;
         volume.status_reason = Some(reason.to_string());
+        volume.image_metadata.clear();
+        volume.bootable = false;
         volume.updated_at = now.clone();
         if let Some(reimage) = volume.reimage.as_mut() {
             reimage.state = ReimageState::Failed;

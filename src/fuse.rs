@@ -379,16 +379,7 @@ impl Filesystem for VolumeFs {
         if ino.0 == CONTROL {
             return reply.ok();
         }
-        match self.volume(ino.0) {
-            Ok(file) => gated(
-                file,
-                Box::new(move |f| match f.sync(datasync) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(errno(&e)),
-                }),
-            ),
-            Err(e) => reply.error(e),
-        }
+        self.gated_empty(ino, reply, move |f| f.sync(datasync));
     }
 
     fn fallocate(
@@ -401,16 +392,7 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.volume(ino.0) {
-            Ok(file) => gated(
-                file,
-                Box::new(move |f| match f.fallocate(offset, length, mode) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(errno(&e)),
-                }),
-            ),
-            Err(e) => reply.error(e),
-        }
+        self.gated_empty(ino, reply, move |f| f.fallocate(offset, length, mode));
     }
 
     fn lseek(
@@ -479,6 +461,90 @@ impl Filesystem for VolumeFs {
         reply.error(Errno::ENOTTY);
     }
 
+    // The mount's names are the daemon's: volumes come and go through the API only. Every
+    // attempt to change the namespace gets EPERM, not fuser's logged ENOSYS.
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // Volumes are sparse: the free space that matters is the state directory's.
         match statvfs(&self.state_dir) {
@@ -498,6 +564,25 @@ impl Filesystem for VolumeFs {
 }
 
 impl VolumeFs {
+    /// Runs `op` on volume `ino` through its gate and answers `reply` with the outcome.
+    fn gated_empty(
+        &self,
+        ino: INodeNo,
+        reply: ReplyEmpty,
+        op: impl FnOnce(&VolumeFile) -> io::Result<()> + Send + 'static,
+    ) {
+        match self.volume(ino.0) {
+            Ok(file) => gated(
+                file,
+                Box::new(move |f| match op(f) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                }),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn control_write(&self, req: &Request, data: &[u8], reply: ReplyWrite) {
         let caller = Caller::from_process(req.uid(), req.gid(), req.pid());
         let Ok(text) = std::str::from_utf8(data) else {

@@ -235,7 +235,13 @@ fn write_nonzero_runs(target: &Target<'_>, data: &[u8], offset: u64) -> Result<u
         let block = &data[block_start..(block_start + BLOCK).min(data.len())];
         let zero = is_zero(block);
         if run_is_zero.is_some_and(|z| z != zero) {
-            written += finish_run(target, &data[run_start..block_start], offset, run_start, !zero)?;
+            written += finish_run(
+                target,
+                &data[run_start..block_start],
+                offset,
+                run_start,
+                !zero,
+            )?;
             run_start = block_start;
         }
         run_is_zero = Some(zero);
@@ -484,7 +490,10 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
 
     fn advance(&mut self, guest_end: u64) {
         self.stats.scanned = guest_end;
-        self.target.volume.refill_done.store(guest_end, Ordering::Release);
+        self.target
+            .volume
+            .refill_done
+            .store(guest_end, Ordering::Release);
         pace(self.started, guest_end, self.params.rate_limit);
     }
 }

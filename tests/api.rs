@@ -18,7 +18,8 @@ const VERSION: &str = "OpenStack-API-Version";
 const GIB: u64 = 1 << 30;
 
 /// Statuses other than available, error, reserved and in-use that a re-image must refuse;
-/// each is reachable with `os-reset_status`.
+/// each is reachable with `os-reset_status`. (`downloading` is not: only a re-image sets it,
+/// and a running one refuses a second, see `concurrent_reimages_of_one_volume_accept_exactly_one`.)
 const OTHER_STATUSES: &[&str] = &[
     "creating",
     "attaching",
@@ -26,7 +27,6 @@ const OTHER_STATUSES: &[&str] = &[
     "maintenance",
     "extending",
     "uploading",
-    "downloading",
     "retyping",
     "backing-up",
     "managing",
@@ -591,6 +591,16 @@ fn every_other_status_refuses_reimage_unchanged() {
             assert_eq!(snapshot(&d, "vol1"), before, "{status} {flag:?}");
         }
     }
+
+    // A fake `downloading` without a refill (no fence) cannot be made by hand.
+    let before = snapshot(&d, "vol1");
+    let r = d.api(
+        "POST",
+        "/v3/volumes/vol1/action",
+        Some(json!({"os-reset_status": {"status": "downloading"}})),
+    );
+    assert_fault(&r, 400);
+    assert_eq!(snapshot(&d, "vol1"), before);
 
     // Back to available, it works again.
     reset(&d, "vol1", json!({"status": "available"}));

@@ -45,7 +45,14 @@ fn main() -> ExitCode {
 
 /// Plain lines without timestamps under journald (which stamps them), full lines otherwise.
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // fuser warns about every request it answers by default and about our own unmount at
+    // stop; keep its errors only, unless the operator asks for it by name.
+    let level = if level.contains("fuser") {
+        level.to_string()
+    } else {
+        format!("{level},fuser=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
