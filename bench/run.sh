@@ -7,7 +7,8 @@
 # --quick       short fio jobs and small files: checks that the script works (a few minutes).
 # BENCH_DIR     where the work directory is created (default /var/tmp/volumed-bench); every
 #               file of the run lives there, so that is the file system measured.
-# VOLUMED       a volumed binary to use instead of building one with `cargo build --release`.
+# VOLUMED       a volumed binary to use instead of building one with `cargo build --release`;
+#               VOLUMED_LABEL says in the report what it is (default: its path and sha256).
 # BENCH_REPEAT  rounds of the re-image comparison (default 1); the report keeps the best.
 # BENCH_KEEP=1  keep the work directory's logs and raw results (not its big files).
 #
@@ -26,7 +27,7 @@ BENCH_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_SRC/.." && pwd)
 
 usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 QUICK=0
@@ -563,6 +564,15 @@ reimage_part() {
 
 # ----- the run ------------------------------------------------------------------------------
 
+volumed_version() {
+    if [ -n "${VOLUMED:-}" ]; then
+        printf '%s' "${VOLUMED_LABEL:-prebuilt $VOLUMED}, sha256 "
+        sha256sum "$VD/volumed" | cut -c 1-12
+    else
+        git -C "$REPO" describe --always --dirty 2>/dev/null || echo "unknown"
+    fi
+}
+
 machine_info() {
     local fs
     fs=$(findmnt -n -o FSTYPE,SOURCE,OPTIONS -T "$WORK" | tr -s ' ')
@@ -576,7 +586,7 @@ machine_info() {
         work_dir="$WORK" \
         fio_version="$(fio --version)" \
         qemu_version="$(qemu-img --version | head -n 1)" \
-        volumed_commit="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
+        volumed_commit="$(volumed_version)" \
         fio_runtime="$FIO_RUNTIME" fio_size="$FIO_SIZE" volume_size="$VOLUME_SIZE" \
         repeat="$REPEAT" \
         fuse_max_pages="$(cat /proc/sys/fs/fuse/max_pages_limit 2>/dev/null || echo '?')"

@@ -922,7 +922,6 @@ fn reset_status_is_admin_only_and_checks_its_values() {
     require("setpriv");
     require("curl");
     let d = Daemon::start();
-    open_to_other_users(&d);
     let theirs = d.api(
         "POST",
         "/v3/volumes",
@@ -1541,17 +1540,7 @@ fn image_status(d: &Daemon, id: &str) -> String {
 
 /// Reserves the volume with an attachment (no connector); returns the attachment id.
 fn reserve(d: &Daemon, volume_id: &Value, instance: Option<&str>) -> String {
-    let mut attachment = json!({"volume_uuid": volume_id});
-    if let Some(instance) = instance {
-        attachment["instance_uuid"] = json!(instance);
-    }
-    let r = d.api(
-        "POST",
-        "/v3/attachments",
-        Some(json!({"attachment": attachment})),
-    );
-    assert_eq!(r.status, 200, "reserve: {}", r.text());
-    r.json()["attachment"]["id"].as_str().unwrap().to_string()
+    d.reserve(volume_id, instance)
 }
 
 fn connect(d: &Daemon, attachment: &str) {
@@ -1580,13 +1569,6 @@ fn reset(d: &Daemon, volume: &str, fields: Value) {
         Some(json!({"os-reset_status": fields})),
     );
     assert_eq!(r.status, 202, "reset {fields}: {}", r.text());
-}
-
-/// Lets other users reach the daemon's mount and socket: the test's directory is 0700.
-fn open_to_other_users(d: &Daemon) {
-    use std::os::unix::fs::PermissionsExt;
-    let open = std::fs::Permissions::from_mode(0o755);
-    std::fs::set_permissions(d.dir.path(), open).unwrap();
 }
 
 /// POSTs `body` to `path` as uid nobody with curl; returns the status and the body.

@@ -451,7 +451,6 @@ fn setup(extra: &str) -> (Daemon, String) {
     require("curl");
     require("bash");
     let d = Daemon::start_with(extra);
-    open_to_other_users(&d);
 
     let file = d.dir.path().join("base.raw");
     random_file(&file, 1 << 20, 1);
@@ -473,13 +472,6 @@ fn create_volume_for_nobody(d: &Daemon, name: &str) -> String {
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json()["volume"]["owner_uid"], NOBODY_UID);
     name.to_string()
-}
-
-/// Lets other users reach the daemon's mount and socket: the test's directory is 0700.
-fn open_to_other_users(d: &Daemon) {
-    use std::os::unix::fs::PermissionsExt;
-    let open = std::fs::Permissions::from_mode(0o755);
-    std::fs::set_permissions(d.dir.path(), open).unwrap();
 }
 
 /// Quotes `text` for a shell.
@@ -637,17 +629,7 @@ fn reserve(d: &Daemon, volume: &str) {
 
 /// Reserves `volume` with an attachment without connector, as root.
 fn reserve_for(d: &Daemon, volume: &str, instance: Option<&str>) {
-    let id = d.volume(volume)["id"].clone();
-    let mut attachment = json!({"volume_uuid": id});
-    if let Some(instance) = instance {
-        attachment["instance_uuid"] = json!(instance);
-    }
-    let r = d.api(
-        "POST",
-        "/v3/attachments",
-        Some(json!({"attachment": attachment})),
-    );
-    assert_eq!(r.status, 200, "reserve {volume}: {}", r.text());
+    d.reserve(&d.volume(volume)["id"], instance);
     assert_eq!(d.status(volume), "reserved");
 }
 

@@ -449,6 +449,21 @@ impl Daemon {
             .expect("run volumectl")
     }
 
+    /// Reserves a volume with an attachment without connector; returns the attachment's id.
+    pub fn reserve(&self, volume_id: &Value, instance: Option<&str>) -> String {
+        let mut attachment = json!({"volume_uuid": volume_id});
+        if let Some(instance) = instance {
+            attachment["instance_uuid"] = json!(instance);
+        }
+        let r = self.api(
+            "POST",
+            "/v3/attachments",
+            Some(json!({"attachment": attachment})),
+        );
+        assert_eq!(r.status, 200, "reserve: {}", r.text());
+        r.json()["attachment"]["id"].as_str().unwrap().to_string()
+    }
+
     /// Lines of `/proc/self/mountinfo` for our mountpoint.
     pub fn mount_entries(&self) -> usize {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
