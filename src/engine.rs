@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -32,7 +31,7 @@ use crate::model::{
     ReimageState, VolumeRecord, VolumeStatus, GIB,
 };
 use crate::policy::{Policy, Target};
-use crate::store::{State, Store};
+use crate::store::{SparseWriter, State, Store};
 use crate::volume::{discard, VolumeFile};
 use crate::{loopdev, refill};
 
@@ -1071,7 +1070,7 @@ impl Engine {
             Ok(file) => Ok(ImageUpload {
                 engine: self.clone(),
                 id,
-                file: Some(file),
+                file: Some(SparseWriter::new(file)),
                 md5: Md5::new(),
                 sha512: Sha512::new(),
                 xxh3: refill::new_hasher(),
@@ -1382,7 +1381,7 @@ static ENGINE: Mutex<Option<std::sync::Weak<Engine>>> = Mutex::new(None);
 pub struct ImageUpload {
     engine: Arc<Engine>,
     id: Uuid,
-    file: Option<File>,
+    file: Option<SparseWriter>,
     md5: Md5,
     sha512: Sha512,
     xxh3: xxhash_rust::xxh3::Xxh3,
@@ -1409,7 +1408,7 @@ impl ImageUpload {
             .file
             .as_mut()
             .ok_or_else(|| Error::internal("upload already finished"))?;
-        file.write_all(chunk)
+        file.write(chunk)
             .map_err(|e| Error::io("cannot store image data", &e))?;
 
         self.md5.update(chunk);
@@ -1439,9 +1438,8 @@ impl ImageUpload {
             .file
             .take()
             .ok_or_else(|| Error::internal("upload already finished"))?;
-        file.sync_all()
+        file.finish()
             .map_err(|e| Error::io("cannot make the image durable", &e))?;
-        drop(file);
 
         let virtual_size = self.check_format()?;
 

@@ -223,6 +223,84 @@ impl Store {
     }
 }
 
+/// Writes a stream to a new file, leaving a hole wherever a whole aligned block is zero.
+///
+/// Stored images are then as sparse as their content: a refill's `SEEK_DATA` walk skips
+/// the holes instead of reading and scanning gigabytes of zeros, and an upload writes only
+/// its data. A block split across two writes waits in `partial` until it is complete, so
+/// how the stream is chunked does not change what is allocated.
+pub struct SparseWriter {
+    file: File,
+    /// Bytes of the stream before `partial`; always a multiple of [`SPARSE_BLOCK`].
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+/// The unit of hole detection in stored images: the file systems' block size.
+const SPARSE_BLOCK: usize = 4096;
+
+impl SparseWriter {
+    pub fn new(file: File) -> Self {
+        SparseWriter {
+            file,
+            offset: 0,
+            partial: Vec::with_capacity(SPARSE_BLOCK),
+        }
+    }
+
+    /// Appends `data` to the stream.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if !self.partial.is_empty() {
+            let take = (SPARSE_BLOCK - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.partial.len() < SPARSE_BLOCK {
+                return Ok(());
+            }
+            let block = std::mem::take(&mut self.partial);
+            self.write_blocks(&block)?;
+            self.partial = block;
+            self.partial.clear();
+        }
+
+        let whole = data.len() - data.len() % SPARSE_BLOCK;
+        self.write_blocks(&data[..whole])?;
+        self.partial.extend_from_slice(&data[whole..]);
+        Ok(())
+    }
+
+    /// Writes the last partial block, sets the length (trailing zeros become a hole) and
+    /// makes the file durable.
+    pub fn finish(mut self) -> io::Result<()> {
+        let partial = std::mem::take(&mut self.partial);
+        self.write_blocks(&partial)?;
+        self.file.set_len(self.offset)?;
+        self.file.sync_all()
+    }
+
+    /// Writes whole blocks (or the stream's last bytes) at `offset`, skipping zero blocks
+    /// and coalescing the others into one write per run.
+    fn write_blocks(&mut self, blocks: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+
+        let mut run_start = 0;
+        for (i, block) in blocks.chunks(SPARSE_BLOCK).enumerate() {
+            if crate::refill::is_zero(block) {
+                let at = i * SPARSE_BLOCK;
+                let run = &blocks[run_start..at];
+                self.file
+                    .write_all_at(run, self.offset + run_start as u64)?;
+                run_start = at + block.len();
+            }
+        }
+        let run = &blocks[run_start..];
+        self.file
+            .write_all_at(run, self.offset + run_start as u64)?;
+        self.offset += blocks.len() as u64;
+        Ok(())
+    }
+}
+
 fn file_id(path: &Path, extension: &str) -> Option<Uuid> {
     if path.extension()? != extension {
         return None;
@@ -245,6 +323,40 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams arrive in chunks of any size; zero blocks become holes, the content stays exact.
+    #[test]
+    fn sparse_writer_leaves_holes_whatever_the_chunking() {
+        use std::os::unix::fs::MetadataExt;
+
+        let mut image = vec![0u8; 6 << 20];
+        image[..100].fill(7);
+        image[(3 << 20) + 5000..(3 << 20) + 9000].fill(9);
+        image[(6 << 20) - 1] = 1;
+        let dir = tempfile::tempdir().unwrap();
+
+        for chunk_len in [1000, 4096, 12_345, 1 << 20] {
+            let path = dir.path().join(format!("image-{chunk_len}"));
+            let mut writer = SparseWriter::new(File::create(&path).unwrap());
+            for chunk in image.chunks(chunk_len) {
+                writer.write(chunk).unwrap();
+            }
+            writer.finish().unwrap();
+
+            assert_eq!(fs::read(&path).unwrap(), image, "chunks of {chunk_len}");
+            let allocated = fs::metadata(&path).unwrap().blocks() * 512;
+            assert!(
+                allocated <= 64 << 10,
+                "{allocated} bytes allocated, chunks of {chunk_len}"
+            );
+        }
+
+        let path = dir.path().join("zeros");
+        let mut writer = SparseWriter::new(File::create(&path).unwrap());
+        writer.write(&[0; 10_000]).unwrap();
+        writer.finish().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), vec![0; 10_000]);
+    }
 
     #[test]
     fn save_and_load_round_trip() {

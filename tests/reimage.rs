@@ -531,8 +531,8 @@ fn reimage_is_reported_finished_only_after_caches_are_invalidated() {
 
 // ----- C2 -----------------------------------------------------------------------------------
 
-/// C2: a sparse 100 MiB image on a 1 GiB volume full of 0xAA leaves the image then zeros, and
-/// the backing file keeps the image's holes.
+/// C2: a sparse 100 MiB image is stored sparse; on a 1 GiB volume full of 0xAA it leaves the
+/// image then zeros, and the backing file keeps the image's holes.
 #[test]
 fn smaller_sparse_image_leaves_no_old_byte_and_keeps_holes() {
     require("cmp");
@@ -568,6 +568,16 @@ fn smaller_sparse_image_leaves_no_old_byte_and_keeps_holes() {
         ));
     }
     let image = daemon.import_image(&dir.join("sparse.img"), "sparse");
+
+    // The upload streamed 100 MiB, zeros included; the stored copy keeps only the data.
+    let stored = daemon.state.join("images").join(format!("{image}.img"));
+    let stored_meta = std::fs::metadata(&stored).unwrap();
+    assert_eq!(stored_meta.len(), 100 * MIB);
+    assert!(
+        stored_meta.blocks() * 512 <= 8 * MIB,
+        "the stored image has {} bytes allocated for 4 MiB of data",
+        stored_meta.blocks() * 512
+    );
     daemon.reimage_and_wait("vol1", &image);
 
     // The image byte for byte, then zeros to the end: no 0xAA anywhere.
