@@ -286,7 +286,7 @@ fn write_run(target: &Target<'_>, run: &[u8], offset: u64) -> Result<u64, String
 /// bytes are hashed window by window and compared with the upload's hash; then the image's
 /// mappings are walked in guest order: zero and unallocated runs stay holes, data runs are
 /// written straight from the mapping (zero blocks skipped), and compressed clusters are
-/// inflated in parallel in bounded batches and written in guest order. Pages of the mapping
+/// inflated on every core by an [`Inflater`] while earlier ones are written in guest order. Pages of the mapping
 /// are released (`MADV_DONTNEED`) as soon as they are used, so memory stays bounded.
 pub fn refill_qcow2(
     volume: &VolumeFile,
@@ -326,15 +326,20 @@ pub fn refill_qcow2(
         ));
     }
     let target = Target::new(volume);
-    let mut writer = Qcow2Writer::new(&target, &qcow2, &map, params);
-    for mapping in qcow2.mappings() {
-        let mapping = mapping.map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
-        writer.add(mapping)?;
-        if guard.faulted() {
-            return Err(shrank());
+    let stats = std::thread::scope(|scope| {
+        let inflater = Inflater::start(scope, &qcow2);
+        let mut writer = Qcow2Writer::new(&target, &qcow2, &map, params, inflater);
+        for mapping in qcow2.mappings() {
+            let mapping = mapping.map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
+            writer.add(mapping)?;
+            if guard.faulted() {
+                return Err(shrank());
+            }
         }
-    }
-    writer.flush_compressed()?;
+        writer.write_inflated(true)?;
+        Ok(writer.stats)
+        // Dropping the writer closes the job queue; the scope then joins the workers.
+    })?;
     target.zero(qcow2.virtual_size(), volume.size() - qcow2.virtual_size())?;
     check_image_len(&source, params.image_len)?;
     if guard.faulted() {
@@ -342,11 +347,146 @@ pub fn refill_qcow2(
     }
 
     target.sync()?;
-    Ok(writer.stats)
+    Ok(stats)
 }
 
-/// Bytes of compressed clusters inflated per batch: bounds memory whatever the cluster size.
-const COMPRESSED_BATCH_BYTES: u64 = 16 << 20;
+/// Bytes of inflated clusters in flight: bounds memory whatever the cluster size.
+const INFLATE_BYTES_IN_FLIGHT: u64 = 16 << 20;
+
+/// A compressed cluster on its way through the inflater, and then its inflated bytes.
+struct InflateJob {
+    /// Position in guest order; results are written in this order.
+    seq: u64,
+    mapping: Mapping,
+    buffer: Vec<u8>,
+    result: Result<(), String>,
+}
+
+/// Worker threads that inflate compressed clusters, one per core, fed through bounded
+/// crossbeam channels.
+///
+/// The walk hands clusters out in guest order and gets them back in any order; it writes
+/// them in guest order while the workers inflate the next ones, so inflation on every core
+/// overlaps the writes. A fixed set of cluster buffers circulates between the two sides,
+/// which bounds memory to [`INFLATE_BYTES_IN_FLIGHT`] (or two buffers per worker for
+/// the largest clusters).
+struct Inflater {
+    jobs: crossbeam_channel::Sender<InflateJob>,
+    done: crossbeam_channel::Receiver<InflateJob>,
+    /// Buffers not in flight.
+    free: Vec<Vec<u8>>,
+    /// Inflated clusters that arrived ahead of their turn.
+    arrived: std::collections::BTreeMap<u64, InflateJob>,
+    next_seq: u64,
+    next_to_write: u64,
+}
+
+impl Inflater {
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        image: &'scope Qcow2Image<'scope>,
+    ) -> Self {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cluster = image.cluster_size();
+        let slots = (INFLATE_BYTES_IN_FLIGHT / cluster).max(2 * workers as u64) as usize;
+        let (jobs, queue) = crossbeam_channel::bounded::<InflateJob>(slots);
+        let (finished, done) = crossbeam_channel::bounded::<InflateJob>(slots);
+
+        for _ in 0..workers {
+            let queue = queue.clone();
+            let finished = finished.clone();
+            scope.spawn(move || {
+                let mut decompressor = Decompressor::new();
+                for mut job in queue {
+                    // A panic would lose the job and leave the walk waiting for it forever;
+                    // it becomes the job's error instead.
+                    let inflated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        image.decompress_cluster_with(
+                            &mut decompressor,
+                            &job.mapping,
+                            &mut job.buffer,
+                        )
+                    }));
+                    job.result = match inflated {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(format!("the qcow2 image is invalid: {e}")),
+                        Err(_) => Err("inflating a compressed cluster panicked".to_string()),
+                    };
+                    if finished.send(job).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        Self {
+            jobs,
+            done,
+            free: (0..slots).map(|_| vec![0; cluster as usize]).collect(),
+            arrived: std::collections::BTreeMap::new(),
+            next_seq: 0,
+            next_to_write: 0,
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        self.next_to_write < self.next_seq
+    }
+
+    /// Whether a buffer is free for another cluster.
+    fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Queues `mapping` for inflation; needs [`Self::has_room`].
+    fn submit(&mut self, mapping: Mapping) -> Result<(), String> {
+        let buffer = self.free.pop().expect("submit needs a free buffer");
+        let job = InflateJob {
+            seq: self.next_seq,
+            mapping,
+            buffer,
+            result: Ok(()),
+        };
+        self.next_seq += 1;
+        self.jobs
+            .send(job)
+            .map_err(|_| "the inflate workers stopped".to_string())
+    }
+
+    /// The next cluster in guest order, waiting for it; `None` when nothing is in flight.
+    fn next_in_order(&mut self) -> Result<Option<InflateJob>, String> {
+        if !self.in_flight() {
+            return Ok(None);
+        }
+        while !self.arrived.contains_key(&self.next_to_write) {
+            let job = self
+                .done
+                .recv()
+                .map_err(|_| "the inflate workers stopped".to_string())?;
+            self.arrived.insert(job.seq, job);
+        }
+        let job = self
+            .arrived
+            .remove(&self.next_to_write)
+            .expect("just checked");
+        self.next_to_write += 1;
+        Ok(Some(job))
+    }
+
+    /// The next cluster in guest order if it has already arrived.
+    fn try_next_in_order(&mut self) -> Option<InflateJob> {
+        while let Ok(job) = self.done.try_recv() {
+            self.arrived.insert(job.seq, job);
+        }
+        let job = self.arrived.remove(&self.next_to_write)?;
+        self.next_to_write += 1;
+        Some(job)
+    }
+
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.free.push(buffer);
+    }
+}
 
 /// Walks a qcow2 image's mappings and writes them to the volume.
 struct Qcow2Writer<'a, 'i> {
@@ -355,11 +495,7 @@ struct Qcow2Writer<'a, 'i> {
     map: &'a Mmap,
     params: RefillParams<'a>,
     started: std::time::Instant,
-    /// Compressed clusters waiting to be inflated, in guest order.
-    batch: Vec<Mapping>,
-    /// One output buffer per batch slot, reused across batches.
-    buffers: Vec<Vec<u8>>,
-    decompressors: Vec<Decompressor>,
+    inflater: Inflater,
     stats: RefillStats,
 }
 
@@ -369,17 +505,15 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         image: &'a Qcow2Image<'i>,
         map: &'a Mmap,
         params: RefillParams<'a>,
+        inflater: Inflater,
     ) -> Self {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             target,
             image,
             map,
             params,
             started: std::time::Instant::now(),
-            batch: Vec::new(),
-            buffers: Vec::new(),
-            decompressors: (0..workers).map(|_| Decompressor::new()).collect(),
+            inflater,
             stats: RefillStats::default(),
         }
     }
@@ -388,20 +522,25 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         check_cancel(self.params.cancel)?;
         match mapping.extent {
             Extent::Zero => {
-                self.flush_compressed()?;
+                self.write_inflated(true)?;
                 self.target.zero(mapping.guest_offset, mapping.len)?;
                 self.advance(mapping.guest_offset + mapping.len);
             }
             Extent::Data { host_offset } => {
-                self.flush_compressed()?;
+                self.write_inflated(true)?;
                 self.write_data(&mapping, host_offset)?;
             }
             Extent::Compressed { .. } => {
-                self.batch.push(mapping);
-                let cluster = self.image.cluster_size();
-                if self.batch.len() as u64 * cluster >= COMPRESSED_BATCH_BYTES {
-                    self.flush_compressed()?;
+                // Write what is ready first; wait only when every buffer is in flight.
+                self.write_inflated(false)?;
+                while !self.inflater.has_room() {
+                    let job = self
+                        .inflater
+                        .next_in_order()?
+                        .expect("buffers are in flight");
+                    self.write_cluster(job)?;
                 }
+                self.inflater.submit(mapping)?;
             }
         }
         Ok(())
@@ -425,66 +564,38 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         Ok(())
     }
 
-    /// Inflates the pending compressed clusters in parallel, then writes them in order.
-    fn flush_compressed(&mut self) -> Result<(), String> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let cluster = self.image.cluster_size() as usize;
-        self.buffers.resize_with(self.batch.len(), Vec::new);
-        for buffer in &mut self.buffers {
-            buffer.resize(cluster, 0);
-        }
-
-        let per_worker = self.batch.len().div_ceil(self.decompressors.len());
-        let image = self.image;
-        let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
-            let jobs = self
-                .batch
-                .chunks(per_worker)
-                .zip(self.buffers.chunks_mut(per_worker))
-                .zip(self.decompressors.iter_mut());
-            let handles: Vec<_> = jobs
-                .map(|((mappings, buffers), decompressor)| {
-                    scope.spawn(move || {
-                        for (mapping, buffer) in mappings.iter().zip(buffers.iter_mut()) {
-                            image
-                                .decompress_cluster_with(decompressor, mapping, buffer)
-                                .map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("a decompressor panicked".into()))
-                })
-                .collect()
-        });
-        results.into_iter().collect::<Result<Vec<()>, String>>()?;
-
-        let batch = std::mem::take(&mut self.batch);
-        let buffers = std::mem::take(&mut self.buffers);
-        for (mapping, buffer) in batch.iter().zip(&buffers) {
-            let len = mapping.len as usize;
-            self.stats.written +=
-                write_nonzero_runs(self.target, &buffer[..len], mapping.guest_offset)?;
-            if let Extent::Compressed {
-                host_offset,
-                compressed_len,
-                ..
-            } = mapping.extent
-            {
-                release(self.map, host_offset as usize, compressed_len as usize);
+    /// Writes inflated clusters in guest order: those already inflated, or with `all`,
+    /// every one in flight (before a run that is not compressed, and at the end).
+    fn write_inflated(&mut self, all: bool) -> Result<(), String> {
+        loop {
+            let job = if all {
+                self.inflater.next_in_order()?
+            } else {
+                self.inflater.try_next_in_order()
+            };
+            match job {
+                Some(job) => self.write_cluster(job)?,
+                None => return Ok(()),
             }
-            self.advance(mapping.guest_offset + mapping.len);
         }
-        self.batch = batch;
-        self.batch.clear();
-        self.buffers = buffers;
+    }
+
+    fn write_cluster(&mut self, job: InflateJob) -> Result<(), String> {
+        job.result?;
+        let mapping = &job.mapping;
+        let len = mapping.len as usize;
+        self.stats.written +=
+            write_nonzero_runs(self.target, &job.buffer[..len], mapping.guest_offset)?;
+        if let Extent::Compressed {
+            host_offset,
+            compressed_len,
+            ..
+        } = mapping.extent
+        {
+            release(self.map, host_offset as usize, compressed_len as usize);
+        }
+        self.advance(mapping.guest_offset + mapping.len);
+        self.inflater.recycle(job.buffer);
         Ok(())
     }
 
