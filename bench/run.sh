@@ -5,6 +5,7 @@
 #   sudo bench/run.sh [--quick]
 #
 # --quick       short fio jobs and small files: checks that the script works (a few minutes).
+# --reimage-only  skip the fio part: only the re-image comparison.
 # BENCH_DIR     where the work directory is created (default /var/tmp/volumed-bench); every
 #               file of the run lives there, so that is the file system measured.
 # VOLUMED       a volumed binary to use instead of building one with `cargo build --release`;
@@ -27,13 +28,15 @@ BENCH_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_SRC/.." && pwd)
 
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 QUICK=0
+FIO=1
 for arg in "$@"; do
     case "$arg" in
     --quick) QUICK=1 ;;
+    --reimage-only) FIO=0 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
@@ -164,7 +167,7 @@ trap 'exit 143' TERM
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0): FUSE mounts and dropping the page cache need it"
 [ -e /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse)"
-for tool in fio qemu-storage-daemon qemu-img curl python3 fallocate timeout findmnt; do
+for tool in fio qemu-storage-daemon qemu-img curl python3 fallocate timeout findmnt base64; do
     command -v "$tool" >/dev/null 2>&1 ||
         die "needs $tool (Debian: apt-get install fio qemu-utils curl python3 util-linux)"
 done
@@ -180,8 +183,10 @@ RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
 log "mode $MODE, work directory $WORK"
 
-# Space: fio files, the images, volumed's stored copies, the volume and qemu-img's target.
-need=$(((4 * FIO_SIZE + 2 * (DENSE_SIZE + SPARSE_SIZE) + 2 * VOLUME_SIZE) / GIB + 2))
+# Space: fio files, the images (dense, compressible and their qcow2 copies; the sparse ones
+# hold their data only), volumed's stored copies, the volume and qemu-img's target.
+need=$(((4 * FIO * FIO_SIZE + 8 * DENSE_SIZE + 4 * SPARSE_CHUNKS * SPARSE_CHUNK
+    + 2 * VOLUME_SIZE) / GIB + 2))
 avail=$(($(df --output=avail -B1 "$WORK" | tail -n 1) / GIB))
 [ "$avail" -ge "$need" ] || die "$WORK has ${avail} GiB free; this mode needs about ${need} GiB"
 
@@ -286,12 +291,12 @@ create_volume() {
     [ -e "$VD/mnt/$name" ] || die "volume $name has no file in the mount"
 }
 
-# import_image NAME FILE: creates a raw image, uploads FILE, writes its id to NAME.id.
+# import_image NAME FILE FORMAT: creates an image, uploads FILE, writes its id to NAME.id.
 import_image() {
-    local name=$1 file=$2 id status started
+    local name=$1 file=$2 format=$3 id status started
     id=$(api_ok POST /v2/images \
-        "{\"name\": \"$name\", \"disk_format\": \"raw\", \"container_format\": \"bare\"}" 201 |
-        json_get id)
+        "{\"name\": \"$name\", \"disk_format\": \"$format\", \"container_format\": \"bare\"}" \
+        201 | json_get id)
     started=$(now)
     status=$(curl -sS --unix-socket "$VD/volumed.sock" -o /dev/null -w '%{http_code}' \
         -H 'Content-Type: application/octet-stream' -H 'Expect:' -T "$file" \
@@ -430,21 +435,56 @@ fill_old() {
     sync "$file"
 }
 
+# The images: three raw ones (dense random data, sparse, compressible text) and a qcow2 copy
+# of each (the compressible one with compressed clusters). IMAGES lists them in run order;
+# FORMAT and RAW_OF give each one's format and its raw equivalent (what `dd` copies).
+IMAGES=(dense sparse compressible dense-qcow2 sparse-qcow2 compressed-qcow2)
+declare -A FORMAT=([dense]=raw [sparse]=raw [compressible]=raw
+    [dense-qcow2]=qcow2 [sparse-qcow2]=qcow2 [compressed-qcow2]=qcow2)
+declare -A RAW_OF=([dense]=dense [sparse]=sparse [compressible]=compressible
+    [dense-qcow2]=dense [sparse-qcow2]=sparse [compressed-qcow2]=compressible)
+
+image_file() {
+    case "${FORMAT[$1]}" in
+    raw) printf '%s' "$WORK/images/$1.raw" ;;
+    *) printf '%s' "$WORK/images/$1.qcow2" ;;
+    esac
+}
+
 make_images() {
+    local dir="$WORK/images"
     log "images: dense $((DENSE_SIZE / MIB)) MiB of random data"
-    head -c "$DENSE_SIZE" /dev/urandom >"$WORK/images/dense.raw"
+    head -c "$DENSE_SIZE" /dev/urandom >"$dir/dense.raw"
     log "images: sparse $((SPARSE_SIZE / MIB)) MiB with $SPARSE_CHUNKS chunks of" \
         "$((SPARSE_CHUNK / MIB)) MiB of random data"
-    truncate -s "$SPARSE_SIZE" "$WORK/images/sparse.raw"
+    truncate -s "$SPARSE_SIZE" "$dir/sparse.raw"
     local stride=$((SPARSE_SIZE / SPARSE_CHUNKS)) i
     for ((i = 0; i < SPARSE_CHUNKS; i++)); do
         head -c "$SPARSE_CHUNK" /dev/urandom |
-            dd of="$WORK/images/sparse.raw" bs=1M seek=$((i * stride / MIB)) conv=notrunc \
+            dd of="$dir/sparse.raw" bs=1M seek=$((i * stride / MIB)) conv=notrunc \
                 status=none iflag=fullblock
     done
+    # Text compresses about as well as a cloud image's files do (deflate: ~0.75 here).
+    log "images: compressible $((DENSE_SIZE / MIB)) MiB of base64 text"
+    { base64 -w 0 </dev/urandom 2>/dev/null || true; } | head -c "$DENSE_SIZE" >"$dir/compressible.raw"
+
+    log "images: qcow2 copies (qemu-img convert; -c for the compressed one)"
+    qemu-img convert -f raw -O qcow2 "$dir/dense.raw" "$dir/dense-qcow2.qcow2"
+    qemu-img convert -f raw -O qcow2 "$dir/sparse.raw" "$dir/sparse-qcow2.qcow2"
+    qemu-img convert -c -f raw -O qcow2 "$dir/compressible.raw" "$dir/compressed-qcow2.qcow2"
     sync
-    record kind=image image=dense bytes="$DENSE_SIZE" data="$DENSE_SIZE"
-    record kind=image image=sparse bytes="$SPARSE_SIZE" data=$((SPARSE_CHUNKS * SPARSE_CHUNK))
+
+    local image data file
+    for image in "${IMAGES[@]}"; do
+        file=$(image_file "$image")
+        case "${RAW_OF[$image]}" in
+        sparse) data=$((SPARSE_CHUNKS * SPARSE_CHUNK)) ;;
+        *) data=$DENSE_SIZE ;;
+        esac
+        record kind=image image="$image" format="${FORMAT[$image]}" bytes="$(stat -c %s "$file")" \
+            virtual="$(stat -c %s "$dir/${RAW_OF[$image]}.raw")" data="$data" \
+            allocated=$(($(stat -c %b "$file") * 512))
+    done
 }
 
 # Samples the daemon's resident memory every 50 ms into FILE (KiB per line).
@@ -514,15 +554,18 @@ timed() {
     record kind=reimage image="$image" method="$method" round="$round" seconds="$seconds"
 }
 
+# cinder_copy FORMAT IMAGE TARGET
 cinder_copy() {
-    timeout --foreground 3600 qemu-img convert -n -f raw -O raw -S 0 -t none "$1" "$2" && sync "$2"
+    timeout --foreground 3600 qemu-img convert -n -f "$1" -O raw -S 0 -t none "$2" "$3" &&
+        sync "$3"
 }
 
+# fastest_qemu_img FORMAT IMAGE TARGET
 fastest_qemu_img() {
-    fallocate -p -o 0 -l "$VOLUME_SIZE" "$2" &&
+    fallocate -p -o 0 -l "$VOLUME_SIZE" "$3" &&
         timeout --foreground 3600 \
-            qemu-img convert -n --target-is-zero -f raw -O raw -t none "$1" "$2" &&
-        sync "$2"
+            qemu-img convert -n --target-is-zero -f "$1" -O raw -t none "$2" "$3" &&
+        sync "$3"
 }
 
 read_alone() { cat "$1" >/dev/null; }
@@ -536,28 +579,30 @@ reimage_part() {
     truncate -s "$VOLUME_SIZE" "$target"
 
     declare -A ids=()
-    for image in dense sparse; do
+    for image in "${IMAGES[@]}"; do
         log "importing the $image image into volumed"
-        step import_image "$image" "$WORK/images/$image.raw"
+        step import_image "$image" "$(image_file "$image")" "${FORMAT[$image]}"
         ids[$image]=$(cat "$WORK/images/$image.id")
     done
 
     for ((round = 1; round <= REPEAT; round++)); do
-        for image in dense sparse; do
-            local file="$WORK/images/$image.raw"
+        for image in "${IMAGES[@]}"; do
+            local file format=${FORMAT[$image]} raw="$WORK/images/${RAW_OF[$image]}.raw"
+            file=$(image_file "$image")
             reimage_volumed "$image" "${ids[$image]}" "$round"
 
             step fill_old "$target" "$VOLUME_SIZE"
-            timed "$image" cinder "$round" cinder_copy "$file" "$target"
+            timed "$image" cinder "$round" cinder_copy "$format" "$file" "$target"
 
             step fill_old "$target" "$VOLUME_SIZE"
-            timed "$image" fastest "$round" fastest_qemu_img "$file" "$target"
+            timed "$image" fastest "$round" fastest_qemu_img "$format" "$file" "$target"
 
             timed "$image" read "$round" read_alone "$file"
 
-            # dd writes into freshly punched space, as the refill does after its discard.
+            # dd writes the image's bytes (its raw equivalent for a qcow2) into freshly
+            # punched space, as a refill into a discarded volume would.
             fallocate -p -o 0 -l "$VOLUME_SIZE" "$target"
-            timed "$image" dd "$round" dd_copy "$file" "$target"
+            timed "$image" dd "$round" dd_copy "$raw" "$target"
         done
     done
 }
@@ -595,7 +640,11 @@ machine_info() {
 started_run=$(now)
 machine_info
 start_volumed
-fio_part
+if [ "$FIO" = 1 ]; then
+    fio_part
+else
+    log "skipping the fio part (--reimage-only)"
+fi
 reimage_part
 record kind=run seconds="$(since "$started_run")"
 stop_volumed

@@ -582,6 +582,7 @@ impl Engine {
                 message: None,
                 started_at: timestamp(),
                 finished_at: None,
+                space_reclaimed_at: None,
             });
             if let Err(e) = self.store.save(&next) {
                 file.end_refill();
@@ -632,8 +633,16 @@ impl Engine {
         };
         let started = Instant::now();
 
-        // The gate was closed when the request was accepted; wait for I/O already in flight.
+        // The gate was closed when the request was accepted; wait for I/O already in flight,
+        // and for the reclaim after an earlier re-image to finish its chunk.
+        let maintenance = file.maintenance();
         file.gate.drain();
+        let started_at = lock(&self.state)
+            .volumes
+            .get(&volume.id)
+            .and_then(|v| v.reimage.as_ref())
+            .map(|r| r.started_at.clone())
+            .unwrap_or_default();
 
         let params = refill::RefillParams {
             image_len: image.size.unwrap_or(0),
@@ -670,11 +679,58 @@ impl Engine {
         loopdev::flush_loop_devices(&self.config.mountpoint.join(&volume.name));
         self.finish_reimage(&volume, &image, &result);
 
+        drop(maintenance);
+
         if let Ok(stats) = result {
             tracing::info!(volume = ?volume.name, image = %image.id,
                 seconds = started.elapsed().as_secs_f64(), bytes = stats.scanned,
                 written = stats.written, "re-image finished");
+            self.reclaim_space(&file, &volume, &started_at, stats.zeroed);
         }
+    }
+
+    /// Gives back the blocks of the content a re-image destroyed, behind the re-image: the
+    /// volume is already usable, and I/O waits for one chunk's punch at most. A new re-image,
+    /// a delete or shutdown stops it; the next re-image's reclaim picks up what is left.
+    fn reclaim_space(
+        &self,
+        file: &VolumeFile,
+        volume: &VolumeRecord,
+        started_at: &str,
+        span: Option<(u64, u64)>,
+    ) {
+        let started = Instant::now();
+        let stop = || self.stopping.load(Ordering::Acquire) || file.refill_running();
+        let done = match span {
+            Some((start, end)) => match file.reclaim(start, end, &stop) {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!(volume = ?volume.name, "cannot give back freed blocks: {e}");
+                    return;
+                }
+            },
+            None => true,
+        };
+        if !done {
+            return;
+        }
+
+        let published = self.update(|state| {
+            let reimage = state
+                .volumes
+                .get_mut(&volume.id)
+                .and_then(|v| v.reimage.as_mut())
+                .filter(|r| r.started_at == started_at);
+            if let Some(reimage) = reimage {
+                reimage.space_reclaimed_at = Some(timestamp());
+            }
+            Ok(())
+        });
+        if let Err(e) = published {
+            tracing::warn!(volume = ?volume.name, "cannot record the reclaim: {}", e.message());
+        }
+        tracing::debug!(volume = ?volume.name, seconds = started.elapsed().as_secs_f64(),
+            "freed blocks given back");
     }
 
     /// The completion write: a compare-and-swap out of `downloading`.

@@ -11,6 +11,10 @@
 //!                             └──── no ──► park(closure)      (reply answered after unfence)
 //!   refill thread: fence() ─► waits in_flight == 0 ─► refill ─► unfence() ─► run parked FIFO
 //! ```
+//!
+//! Fences nest: a re-image accepted while the space reclaim after the previous one holds a
+//! short fence keeps the gate closed when that fence lifts. The gate opens when every
+//! [`Gate::close`] has had its [`Gate::unfence`].
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -27,7 +31,8 @@ pub struct Gate {
 
 #[derive(Default)]
 struct GateState {
-    fenced: bool,
+    /// Fences held; the gate is open at 0.
+    fences: u32,
     in_flight: usize,
     parked: VecDeque<Parked>,
 }
@@ -41,7 +46,7 @@ impl Gate {
     /// Enters the gate if it is open.
     pub fn try_enter(&self) -> Option<InFlight<'_>> {
         let mut state = self.lock();
-        if state.fenced {
+        if state.fences > 0 {
             return None;
         }
         state.in_flight += 1;
@@ -51,7 +56,7 @@ impl Gate {
     /// Parks `request` while the gate is fenced; runs it now if the fence lifted meanwhile.
     pub fn park(&self, request: Parked) {
         let mut state = self.lock();
-        if state.fenced {
+        if state.fences > 0 {
             state.parked.push_back(request);
             return;
         }
@@ -67,7 +72,7 @@ impl Gate {
 
     /// Closes the gate without waiting: requests from now on are parked.
     pub fn close(&self) {
-        self.lock().fenced = true;
+        self.lock().fences += 1;
     }
 
     /// Waits until every request that entered before [`Gate::close`] has finished.
@@ -81,11 +86,15 @@ impl Gate {
         }
     }
 
-    /// Opens the gate and runs the parked requests in arrival order, outside the lock.
+    /// Lifts one fence; when none is left, runs the parked requests in arrival order,
+    /// outside the lock.
     pub fn unfence(&self) {
         let parked = {
             let mut state = self.lock();
-            state.fenced = false;
+            state.fences = state.fences.saturating_sub(1);
+            if state.fences > 0 {
+                return;
+            }
             std::mem::take(&mut state.parked)
         };
         for request in parked {
@@ -95,7 +104,7 @@ impl Gate {
 
     /// Whether the gate is fenced now.
     pub fn is_fenced(&self) -> bool {
-        self.lock().fenced
+        self.lock().fences > 0
     }
 
     /// How many requests wait for the fence to lift.
@@ -116,7 +125,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.lock();
         state.in_flight -= 1;
-        if state.in_flight == 0 && state.fenced {
+        if state.in_flight == 0 && state.fences > 0 {
             self.gate.drained.notify_all();
         }
     }
@@ -165,6 +174,28 @@ mod tests {
         gate.unfence();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert!(gate.try_enter().is_some());
+    }
+
+    /// Two fences: the gate stays closed until both are lifted, then runs what was parked.
+    #[test]
+    fn nested_fences_open_only_when_all_are_lifted() {
+        let gate = Gate::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        gate.fence();
+        gate.close();
+
+        let counter = ran.clone();
+        gate.park(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        gate.unfence();
+        assert!(gate.is_fenced());
+        assert!(gate.try_enter().is_none());
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+
+        gate.unfence();
+        assert!(!gate.is_fenced());
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
 
     #[test]

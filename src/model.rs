@@ -218,6 +218,10 @@ pub struct ReimageRecord {
     pub started_at: String,
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// When the blocks of the destroyed content were given back to the file system, after a
+    /// successful re-image (see [`crate::volume::VolumeFile::reclaim`]).
+    #[serde(default)]
+    pub space_reclaimed_at: Option<String>,
 }
 
 /// An attachment as it is stored.

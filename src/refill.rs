@@ -4,7 +4,8 @@
 //!    of non-zero blocks overwrite the backing file in place, straight from the mapping (no
 //!    intermediate buffer); runs of zero blocks, the image's holes (skipped with
 //!    `SEEK_DATA`, so a sparse image costs time in proportion to its data) and everything past
-//!    its end are punched, or zeroed where the file system cannot punch. Every byte of the
+//!    its end are zeroed with `FALLOC_FL_ZERO_RANGE` (instant; the blocks are given back
+//!    after the re-image, see [`crate::volume`]). Every byte of the
 //!    volume is thus written or destroyed: nothing of the old content survives. Overwriting
 //!    in place, rather than punching the whole volume first, spares the file system from
 //!    allocating every block again, which costs as much as the writes themselves.
@@ -25,7 +26,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::qcow2::{Decompressor, Extent, Mapping, Qcow2Image};
 use crate::sigbus;
-use crate::volume::{discard_range, VolumeFile};
+use crate::volume::{zero_range, VolumeFile};
 
 /// Granularity of hole detection: the block size of the file systems we back volumes on.
 const BLOCK: usize = 4096;
@@ -37,6 +38,9 @@ pub struct RefillStats {
     pub scanned: u64,
     /// Bytes written to the volume (the rest were zeros left as holes).
     pub written: u64,
+    /// The span `[start, end)` of the volume where old content was destroyed by zeroing: its
+    /// blocks are still allocated until [`crate::volume::VolumeFile::reclaim`] gives them back.
+    pub zeroed: Option<(u64, u64)>,
 }
 
 /// How a refill reads its image and checks it.
@@ -131,29 +135,15 @@ pub fn refill_raw(
 
     target.zero(image_len, volume.size() - image_len)?;
     target.sync()?;
+    stats.zeroed = target.zeroed.get();
     Ok(stats)
 }
 
 const PAGE: u64 = 4096;
 
-/// `lseek` for `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no more data (`ENXIO`).
 fn seek(source: &File, offset: u64, whence: i32) -> Result<Option<u64>, String> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a descriptor we own; it only moves that descriptor's offset.
-    let found = unsafe { libc::lseek(source.as_raw_fd(), offset as libc::off_t, whence) };
-    if found >= 0 {
-        return Ok(Some(found as u64));
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENXIO) => Ok(None),
-        // A file system without SEEK_DATA: everything is data.
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if whence == libc::SEEK_DATA => {
-            Ok(Some(offset))
-        }
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
-        _ => Err(format!("cannot find the image's data: {err}")),
-    }
+    crate::volume::seek(source, offset, whence)
+        .map_err(|e| format!("cannot find the image's data: {e}"))
 }
 
 /// Feeds `len` zero bytes to `hasher` without touching the image.
@@ -347,7 +337,10 @@ pub fn refill_qcow2(
     }
 
     target.sync()?;
-    Ok(stats)
+    Ok(RefillStats {
+        zeroed: target.zeroed.get(),
+        ..stats
+    })
 }
 
 /// Bytes of inflated clusters in flight: bounds memory whatever the cluster size.
@@ -641,12 +634,14 @@ fn check_image_len(source: &File, expected: u64) -> Result<(), String> {
 /// with `O_DIRECT` where the file system allows it. Direct writes skip the page cache, so a
 /// refill neither evicts the host's cache nor leaves gigabytes of dirty pages to flush at the
 /// end; writes that are not page-aligned (an image's last partial block, small clusters) go
-/// through the ordinary descriptor. Ranges to destroy are gathered and punched in one call
+/// through the ordinary descriptor. Ranges to destroy are gathered and zeroed in one call
 /// while they follow each other.
 pub struct Target<'a> {
     volume: &'a VolumeFile,
     direct: Option<File>,
     pending_zero: std::cell::Cell<Option<(u64, u64)>>,
+    /// The span of everything zeroed so far.
+    zeroed: std::cell::Cell<Option<(u64, u64)>>,
 }
 
 impl<'a> Target<'a> {
@@ -662,6 +657,7 @@ impl<'a> Target<'a> {
             volume,
             direct,
             pending_zero: std::cell::Cell::new(None),
+            zeroed: std::cell::Cell::new(None),
         }
     }
 
@@ -676,7 +672,7 @@ impl<'a> Target<'a> {
         }
     }
 
-    /// Destroys `[offset, offset + len)`; adjacent ranges are punched in one call.
+    /// Destroys `[offset, offset + len)`; adjacent ranges are zeroed in one call.
     fn zero(&self, offset: u64, len: u64) -> Result<(), String> {
         if len == 0 {
             return Ok(());
@@ -694,8 +690,13 @@ impl<'a> Target<'a> {
 
     fn flush_zero(&self) -> Result<(), String> {
         if let Some((start, end)) = self.pending_zero.take() {
-            discard_range(self.volume.backing(), start, end - start)
-                .map_err(|e| format!("cannot discard the volume at offset {start}: {e}"))?;
+            zero_range(self.volume.backing(), start, end - start)
+                .map_err(|e| format!("cannot zero the volume at offset {start}: {e}"))?;
+            let span = match self.zeroed.get() {
+                Some((first, last)) => (first.min(start), last.max(end)),
+                None => (start, end),
+            };
+            self.zeroed.set(Some(span));
         }
         Ok(())
     }

@@ -793,6 +793,7 @@ fn sparse_image_reimages_equal_to_qemu_raw_and_leaves_holes() {
         assert_reimage_matches_qemu(&daemon, work.path(), "vol1", &image);
 
         // The 0xAA fill was discarded and the image's holes stayed holes.
+        daemon.wait_space_reclaimed("vol1");
         let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
         assert!(
             allocated <= 16 * MIB,

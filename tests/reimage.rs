@@ -598,13 +598,71 @@ fn smaller_sparse_image_leaves_no_old_byte_and_keeps_holes() {
         q(&dir.join("reference.img"))
     ));
 
-    // The holes are holes in the backing file too.
+    // The holes are holes in the backing file too, once the blocks of the destroyed content
+    // are given back behind the re-image.
+    daemon.wait_space_reclaimed("vol1");
     let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
     assert!(
         allocated <= 16 * MIB,
         "backing file {} has {allocated} bytes allocated for 4 MiB of data",
         backing.display()
     );
+}
+
+/// The old content reads as zeros as soon as a re-image succeeds; its blocks are given back
+/// behind it while I/O goes on, and a re-image accepted during that reclaim ends exact.
+#[test]
+fn destroyed_content_reads_as_zeros_at_once_and_its_blocks_are_given_back_after() {
+    require("cmp");
+    let daemon = Daemon::start();
+    let view = daemon.create_volume("vol1", 1);
+    let v = daemon.vol("vol1");
+    let backing = backing_path(&daemon, &view);
+    sh_ok(&format!(
+        "tr '\\000' '\\252' < /dev/zero | timeout 120 dd of={} bs=4M count=256 \
+         iflag=fullblock conv=notrunc,fsync status=none",
+        q(&v)
+    ));
+
+    let dir = daemon.dir.path();
+    let (first, second) = (dir.join("first.img"), dir.join("second.img"));
+    random_file(&first, 8 * MIB as usize, 31);
+    random_file(&second, 8 * MIB as usize, 32);
+    let first_id = daemon.import_image(&first, "first");
+    let second_id = daemon.import_image(&second, "second");
+
+    // The second re-image is asked for right after the first succeeds, while the first's
+    // reclaim is punching the 0xAA blocks.
+    daemon.reimage_and_wait("vol1", &first_id);
+    daemon.reimage_and_wait("vol1", &second_id);
+
+    // Read at once, during the second reclaim: the image, then zeros; no 0xAA anywhere.
+    sh_ok(&format!(
+        "timeout 120 dd if={} iflag=direct bs=4M status=none | timeout 120 cmp -n {} - {}",
+        q(&v),
+        8 * MIB,
+        q(&second)
+    ));
+    sh_ok(&format!(
+        "timeout 120 cmp -i {}:0 -n {} {} /dev/zero",
+        8 * MIB,
+        GIB - 8 * MIB,
+        q(&v)
+    ));
+
+    let view = daemon.wait_space_reclaimed("vol1");
+    assert_eq!(view["reimage"]["image_id"], second_id.as_str(), "{view}");
+    let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 16 * MIB,
+        "backing file has {allocated} bytes allocated for 8 MiB of data"
+    );
+    sh_ok(&format!(
+        "timeout 120 cmp -n {} {} {}",
+        8 * MIB,
+        q(&v),
+        q(&second)
+    ));
 }
 
 // ----- C3 -----------------------------------------------------------------------------------

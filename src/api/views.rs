@@ -94,6 +94,7 @@ fn reimage(job: &ReimageRecord) -> Value {
         "message": job.message,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "space_reclaimed_at": job.space_reclaimed_at,
     })
 }
 
@@ -248,6 +249,7 @@ mod tests {
             message: None,
             started_at: "2026-12-04T17:40:00.000000".to_string(),
             finished_at: None,
+            space_reclaimed_at: None,
         });
         let view = volume_detail(&VolumeInfo {
             record,
@@ -266,6 +268,7 @@ mod tests {
                 "message": null,
                 "started_at": "2026-12-04T17:40:00.000000",
                 "finished_at": null,
+                "space_reclaimed_at": null,
             })
         );
     }

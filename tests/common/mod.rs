@@ -424,6 +424,23 @@ impl Daemon {
         }
     }
 
+    /// Waits until the blocks of the content the last re-image destroyed are given back
+    /// (`reimage.space_reclaimed_at` is set); returns the volume view.
+    pub fn wait_space_reclaimed(&self, volume: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let view = self.volume(volume);
+            if !view["reimage"]["space_reclaimed_at"].is_null() {
+                return view;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the space of {volume} was not reclaimed: {view}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Re-images and waits for success.
     pub fn reimage_and_wait(&self, volume: &str, image_id: &str) -> Value {
         let r = self.reimage(volume, image_id, false);
