@@ -425,19 +425,33 @@ fn reimage_refusals_by_status_hint_at_the_way_out() {
     assert!(allowed.status.success(), "{}", text(&allowed.stderr));
 }
 
-/// Delete, extend and attach of a volume in the wrong status, a name taken and a bad status
-/// value each get a hint; nothing exits with a bare status code.
+/// Delete of an open volume, delete and extend of a volume in the wrong status, a name taken
+/// and a bad status value each get a hint; nothing exits with a bare status code.
 #[test]
 fn refusals_name_the_cause_and_the_next_step() {
+    require("losetup");
     let daemon = Daemon::start();
     let held = daemon.create_volume("held", 1);
     daemon.reserve(&held["id"], None);
+    daemon.create_volume("looped", 1);
+    let device = sh_ok(&format!(
+        "losetup -f --show {}",
+        daemon.vol("looped").display()
+    ));
 
+    let open = daemon.volumectl(&["delete", "looped"]);
+    sh_ok(&format!("losetup -d {}", device.trim()));
     let delete = daemon.volumectl(&["delete", "held"]);
     let extend = daemon.volumectl(&["extend", "held", "2"]);
     let taken = daemon.volumectl(&["create", "held", "--size", "1"]);
     let bad_status = daemon.volumectl(&["reset-status", "held", "--status", "bogus"]);
 
+    assert_failure(
+        &open,
+        1,
+        "cannot delete volume looped: volume looped is open",
+        "`losetup -l` lists loop devices",
+    );
     let detach = "held is reserved: to delete it, detach it first";
     assert_failure(
         &delete,

@@ -1188,6 +1188,15 @@ impl<O: Write> App<O> {
                 "wait until `volumectl show {volume}` says the re-image ended"
             )));
         }
+        if fault
+            .as_ref()
+            .is_some_and(|fault| fault.status == 409 && fault.mentions("is open"))
+        {
+            return Err(failure.with_hint(
+                "`losetup -l` lists loop devices and their files (`losetup -d DEVICE` detaches \
+                 one); `fuser -v FILE` names the processes that hold the file open",
+            ));
+        }
         let Some(fault) = fault.filter(|fault| fault.status == 400 && fault.mentions("status"))
         else {
             return Err(failure);
