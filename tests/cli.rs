@@ -355,6 +355,10 @@ fn reimage_progress_is_a_bar_on_a_terminal_and_lines_on_a_pipe() {
         );
     }
     assert_eq!(lines.last(), Some(&"vol2: 24.0 MiB of 24.0 MiB (100%)"));
+    assert!(
+        lines.windows(2).all(|pair| pair[0] != pair[1]),
+        "a line repeated: {progress}"
+    );
     assert!(text(&out.stdout).starts_with("vol2: re-imaged with image base"));
 }
 

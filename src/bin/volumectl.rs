@@ -34,6 +34,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How often progress is printed when stderr is not a terminal (logs, CI).
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// How often an unchanged progress line is printed again, to show the wait is alive.
+const PLAIN_PROGRESS_UNCHANGED_EVERY: Duration = Duration::from_secs(30);
+
 /// How long a re-image volumed accepted may go unreported before we stop believing in it.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
 
@@ -698,10 +701,13 @@ impl ProgressView {
             let _ = write!(sink, "\r{line}\x1b[K");
             let _ = sink.flush();
             self.drawn = true;
-        } else if self
-            .last_plain
-            .is_none_or(|(printed, _)| at.duration_since(printed) >= PLAIN_PROGRESS_EVERY)
-        {
+        } else if self.last_plain.is_none_or(|(printed_at, printed)| {
+            let pause = match printed == done {
+                true => PLAIN_PROGRESS_UNCHANGED_EVERY,
+                false => PLAIN_PROGRESS_EVERY,
+            };
+            at.duration_since(printed_at) >= pause
+        }) {
             let _ = writeln!(sink, "{}", plain_progress_line(&self.label, done, total));
             self.last_plain = Some((at, done));
         }
@@ -2476,6 +2482,22 @@ mod tests {
                 "vol1: 4.0 MiB of 4.0 MiB (100%)"
             ]
         );
+    }
+
+    #[test]
+    fn plain_progress_repeats_an_unchanged_line_only_after_a_while() {
+        let start = Instant::now();
+        let mut view = ProgressView::new("vol1", false);
+        let mut sink = Vec::new();
+
+        for second in [0, 2, 4, 6, 31, 33] {
+            let at = start + Duration::from_secs(second);
+            view.update(&mut sink, at, MIB_BYTES, 4 * MIB_BYTES);
+        }
+        view.finish(&mut sink, MIB_BYTES, 4 * MIB_BYTES);
+
+        let text = String::from_utf8_lossy(&sink);
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
 
     #[test]
