@@ -6,16 +6,22 @@ DESTDIR ?=
 CARGO ?= cargo
 
 # Debian packages the daemon, the tests and the benchmark use.
-APT_PACKAGES = e2fsprogs xfsprogs util-linux mount fio curl qemu-utils
+APT_PACKAGES = e2fsprogs xfsprogs util-linux mount fio curl qemu-utils jq zsh fish groff-base \
+               man-db bsdutils
 
-.PHONY: deps build run test lint install uninstall
+# Where `docs-gen` writes shell completions and manual pages, and the volumectl that makes them.
+GEN_DIR ?= target/gen
+VOLUMECTL ?= target/release/volumectl
+
+.PHONY: deps build run test lint install uninstall docs-gen
 
 ## deps: install what a fresh Debian machine lacks (apt packages).
 deps:
 	@missing=""; \
 	for pair in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs xfs_repair:xfsprogs setpriv:util-linux \
 	            losetup:mount fio:fio curl:curl qemu-img:qemu-utils qemu-io:qemu-utils \
-	            qemu-storage-daemon:qemu-utils; do \
+	            qemu-storage-daemon:qemu-utils jq:jq zsh:zsh fish:fish groff:groff-base \
+	            man:man-db script:bsdutils; do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -34,6 +40,20 @@ run: deps build
 ## test: every test (unit and integration, real mounts); needs root and /dev/fuse.
 test: deps
 	$(CARGO) test --locked -- --test-threads=2
+
+## docs-gen: shell completions and manual pages, generated from the command-line definitions:
+##   $(GEN_DIR)/completions/{bash/volumectl,zsh/_volumectl,fish/volumectl.fish} (and volumed's),
+##   $(GEN_DIR)/man/volumectl.1, volumectl-COMMAND.1 for each command, volumed.8.
+docs-gen: build
+	rm -rf $(GEN_DIR)/completions $(GEN_DIR)/man
+	mkdir -p $(GEN_DIR)/completions/bash $(GEN_DIR)/completions/zsh $(GEN_DIR)/completions/fish
+	$(VOLUMECTL) man --dir $(GEN_DIR)/man
+	for prog in volumectl volumed; do \
+		$(VOLUMECTL) completions bash --for $$prog > $(GEN_DIR)/completions/bash/$$prog && \
+		$(VOLUMECTL) completions zsh --for $$prog > $(GEN_DIR)/completions/zsh/_$$prog && \
+		$(VOLUMECTL) completions fish --for $$prog > $(GEN_DIR)/completions/fish/$$prog.fish \
+		|| exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --check

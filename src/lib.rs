@@ -4,6 +4,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod daemon_args;
 pub mod engine;
 pub mod error;
 pub mod fuse;

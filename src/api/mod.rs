@@ -40,6 +40,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+pub use router::Route;
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::identity::Caller;

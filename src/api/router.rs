@@ -13,7 +13,7 @@ use super::{attachments, images, volumes, Context};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Every resource the API serves; path parameters are percent-decoded.
-#[derive(Clone, Debug, Eq, PartialEq)]
+#[derive(Clone, Debug, Eq, PartialEq, strum::EnumIter)]
 pub enum Route {
     /// `/`
     Versions,
@@ -83,6 +83,38 @@ impl Route {
             _ => return Ok(None),
         };
         Ok(Some(route))
+    }
+
+    /// The route's path with its parameters named, as docs/api.md writes it.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::Versions => "/",
+            Route::Volumes => "/v3/volumes",
+            Route::VolumesDetail => "/v3/volumes/detail",
+            Route::Volume(_) => "/v3/volumes/<volume>",
+            Route::VolumeAction(_) => "/v3/volumes/<volume>/action",
+            Route::Attachments => "/v3/attachments",
+            Route::AttachmentsDetail => "/v3/attachments/detail",
+            Route::Attachment(_) => "/v3/attachments/<attachment>",
+            Route::AttachmentAction(_) => "/v3/attachments/<attachment>/action",
+            Route::Images => "/v2/images",
+            Route::Image(_) => "/v2/images/<image>",
+            Route::ImageFile(_) => "/v2/images/<id>/file",
+            Route::ImageDeactivate(_) => "/v2/images/<id>/actions/deactivate",
+            Route::ImageReactivate(_) => "/v2/images/<id>/actions/reactivate",
+        }
+    }
+
+    /// Every route and method the API answers, as `(method, template)` pairs: the table of
+    /// contents that docs/api.md must cover (tests/api_docs.rs checks it does).
+    pub fn table() -> Vec<(&'static str, &'static str)> {
+        let mut table = Vec::new();
+        for route in <Route as strum::IntoEnumIterator>::iter() {
+            for method in route.allow().split(", ") {
+                table.push((method, route.template()));
+            }
+        }
+        table
     }
 
     /// The methods the route answers, for the `Allow` header of a 405.
@@ -307,6 +339,31 @@ mod tests {
 
     fn route(path: &str) -> Option<Route> {
         Route::parse(path).unwrap()
+    }
+
+    #[test]
+    fn every_template_parses_back_to_its_route() {
+        for route in <Route as strum::IntoEnumIterator>::iter() {
+            let path = route
+                .template()
+                .replace("<volume>", "vol1")
+                .replace("<attachment>", "a1")
+                .replace("<image>", "cirros")
+                .replace("<id>", "i1");
+
+            let parsed = Route::parse(&path).unwrap().expect("a route");
+
+            assert_eq!(parsed.template(), route.template(), "{path}");
+        }
+    }
+
+    #[test]
+    fn table_lists_each_method_of_each_route() {
+        let table = Route::table();
+
+        assert!(table.contains(&("GET", "/")));
+        assert!(table.contains(&("DELETE", "/v3/attachments/<attachment>")));
+        assert!(table.contains(&("PUT", "/v2/images/<id>/file")));
     }
 
     #[test]

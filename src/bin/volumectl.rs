@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,9 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde_json::{json, Map, Value};
-use volumed::client::{path_segment, Client, ClientError, Reply, UploadProgress};
+use volumed::client::{path_segment, ApiFault, Client, ClientError, Reply, UploadProgress};
+use volumed::daemon_args::DaemonArgs;
+use volumed::model::VolumeStatus;
 
 const DEFAULT_SOCKET: &str = "/run/volumed/volumed.sock";
 const SOCKET_ENV: &str = "VOLUMED_SOCKET";
@@ -31,6 +33,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How often progress is printed when stderr is not a terminal (logs, CI).
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// How often an unchanged progress line is printed again, to show the wait is alive.
+const PLAIN_PROGRESS_UNCHANGED_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a re-image volumed accepted may go unreported before we stop believing in it.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
@@ -54,15 +59,19 @@ mod exit {
     pub const INTERRUPTED: u8 = 130;
 }
 
+// Lines stay within 70 columns: the manual page indents them by 7 and does not refill them.
 const EXIT_CODES: &str = "\
 Exit codes:
   0    success
-  1    volumed refused or failed the request, or a local file could not be read
+  1    volumed refused or failed the request, or a local file could
+       not be read or written
   2    usage error
   3    volumed could not be reached or did not answer
   4    the re-image waited for with --wait failed
-  5    --wait gave up after --timeout (the re-image goes on in volumed)
-  130  interrupted by Ctrl-C (an import deletes its queued image; a re-image goes on)";
+  5    --wait gave up after --timeout (the re-image goes on in
+       volumed)
+  130  interrupted by Ctrl-C (an import deletes its queued image; a
+       re-image goes on)";
 
 /// Manage the volumes and images of volumed.
 #[derive(Debug, Parser)]
@@ -121,6 +130,55 @@ enum Command {
     /// Manage attachments
     #[command(subcommand)]
     Attachment(AttachmentCommand),
+    /// Print a shell completion script
+    #[command(long_about = COMPLETIONS_ABOUT)]
+    Completions(CompletionsArgs),
+    /// Write the manual pages of volumectl and volumed into a directory
+    Man {
+        /// Where to write volumectl.1, one volumectl-COMMAND.1 per command, and volumed.8
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+const COMPLETIONS_ABOUT: &str = "\
+Print a shell completion script on stdout.
+
+For the running shell: `source <(volumectl completions bash)`. Installed for every user: \
+bash reads /usr/share/bash-completion/completions/volumectl, zsh a file _volumectl in a \
+directory of $fpath, fish ~/.config/fish/completions/volumectl.fish or \
+/usr/share/fish/vendor_completions.d/volumectl.fish.";
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell to complete in
+    shell: clap_complete::Shell,
+    /// The program to complete
+    #[arg(long = "for", value_name = "PROGRAM", value_enum, default_value_t = Program::Volumectl)]
+    program: Program,
+}
+
+/// The programs of this package that have a command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Program {
+    Volumectl,
+    Volumed,
+}
+
+impl Program {
+    fn name(self) -> &'static str {
+        match self {
+            Program::Volumectl => "volumectl",
+            Program::Volumed => "volumed",
+        }
+    }
+
+    fn command(self) -> clap::Command {
+        match self {
+            Program::Volumectl => <Cli as clap::CommandFactory>::command(),
+            Program::Volumed => DaemonArgs::command(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -382,9 +440,10 @@ fn generic_hint(error: &ClientError, subject: Subject) -> Option<String> {
         ClientError::Unreachable { socket, error } => {
             let socket = socket.display();
             return Some(match error.kind() {
-                io::ErrorKind::PermissionDenied => {
-                    format!("ask an administrator for access to {socket}")
-                }
+                io::ErrorKind::PermissionDenied => format!(
+                    "only root and the socket's group may use {socket} (`ls -l` shows the \
+                     group): ask an administrator to add you to it"
+                ),
                 _ => format!(
                     "is volumed running? (socket {socket}; choose another with --socket or \
                      {SOCKET_ENV})"
@@ -403,7 +462,9 @@ fn generic_hint(error: &ClientError, subject: Subject) -> Option<String> {
     };
     match fault.status {
         403 => Some(format!("ask an administrator or {owner}")),
-        404 if fault.message.is_some() => Some(format!("see `{listing}` for what exists")),
+        404 if fault.message.is_some() => Some(format!(
+            "see `{listing}` for what exists and is visible to you"
+        )),
         404 => Some("volumed may be older than volumectl and not know this request".to_owned()),
         406 => Some("volumed may be older than volumectl (this needs volume API 3.71)".to_owned()),
         413 => {
@@ -429,6 +490,52 @@ fn reimage_status_hint(volume: &str, status: Option<&str>, reserved: bool) -> St
         ),
         None => "re-image needs an available volume, or a reserved one with --reserved".to_owned(),
     }
+}
+
+/// The hint for `action` (delete, extend, attach) refused because the volume is `status`.
+fn volume_status_hint(action: &str, volume: &str, status: &str) -> Option<String> {
+    let hint = match status {
+        "in-use" | "reserved" | "attaching" | "detaching" => format!(
+            "{volume} is {status}: to {action} it, detach it first (find the attachment with \
+             `volumectl attachment list`, then `volumectl attachment delete ID`)"
+        ),
+        "downloading" => format!(
+            "{volume} is being re-imaged: wait until `volumectl show {volume}` says it ended"
+        ),
+        "available" => return None,
+        _ => format!(
+            "{volume} is {status}: if that status is wrong, an administrator can correct it \
+             with `volumectl reset-status {volume} --status available`"
+        ),
+    };
+    Some(hint)
+}
+
+/// The hint for a refused `reset-status`: the values volumed accepts.
+fn reset_status_hint(fault: &ApiFault) -> Option<String> {
+    if fault.status == 403 {
+        return Some(
+            "by default only administrators (root and members of volumed's admin_group) may \
+             reset a status"
+                .to_owned(),
+        );
+    }
+    if fault.mentions("field/attribute status") {
+        let statuses: Vec<&str> = VolumeStatus::ALL
+            .iter()
+            .map(|status| status.as_str())
+            .filter(|status| !["downloading", "deleting"].contains(status))
+            .collect();
+        return Some(format!("--status takes one of: {}", statuses.join(", ")));
+    }
+    if fault.mentions("attach_status") {
+        return Some(
+            "--attach-status takes detached (which removes the volume's \
+                     attachments) or attached"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// The status a refusal names, as Cinder words it: "... but current status is: in-use."
@@ -594,10 +701,13 @@ impl ProgressView {
             let _ = write!(sink, "\r{line}\x1b[K");
             let _ = sink.flush();
             self.drawn = true;
-        } else if self
-            .last_plain
-            .is_none_or(|(printed, _)| at.duration_since(printed) >= PLAIN_PROGRESS_EVERY)
-        {
+        } else if self.last_plain.is_none_or(|(printed_at, printed)| {
+            let pause = match printed == done {
+                true => PLAIN_PROGRESS_UNCHANGED_EVERY,
+                false => PLAIN_PROGRESS_EVERY,
+            };
+            at.duration_since(printed_at) >= pause
+        }) {
             let _ = writeln!(sink, "{}", plain_progress_line(&self.label, done, total));
             self.last_plain = Some((at, done));
         }
@@ -973,7 +1083,48 @@ impl<O: Write> App<O> {
             Command::Reimage(args) => self.reimage(args).await,
             Command::Image(command) => self.run_image(command).await,
             Command::Attachment(command) => self.run_attachment(command).await,
+            Command::Completions(args) => self.print_completions(args),
+            Command::Man { dir } => self.write_manual_pages(&dir),
         }
+    }
+
+    fn print_completions(&mut self, args: CompletionsArgs) -> Result<(), Failure> {
+        let name = args.program.name();
+        let mut script = Vec::new();
+        clap_complete::generate(args.shell, &mut args.program.command(), name, &mut script);
+        let script = String::from_utf8_lossy(&script).into_owned();
+        if self.json {
+            let shell = args.shell.to_string();
+            return self
+                .emit(&json!({"program": name, "shell": shell, "script": script}).to_string());
+        }
+        self.emit(&script)
+    }
+
+    fn write_manual_pages(&mut self, dir: &Path) -> Result<(), Failure> {
+        let unwritable = |err: io::Error| {
+            Failure::new(
+                exit::REFUSED,
+                format!("cannot write manual pages into {}: {err}", dir.display()),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(unwritable)?;
+
+        let mut written = Vec::new();
+        let mut volumectl = Program::Volumectl.command().disable_help_subcommand(true);
+        volumectl.build();
+        write_manual_page(volumectl, "1", dir, &mut written).map_err(unwritable)?;
+        write_manual_page(Program::Volumed.command(), "8", dir, &mut written)
+            .map_err(unwritable)?;
+
+        let files: Vec<String> = written
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect();
+        if self.json {
+            return self.emit(&json!({ "written": files }).to_string());
+        }
+        self.emit(&files.join("\n"))
     }
 
     async fn run_image(&mut self, command: ImageCommand) -> Result<(), Failure> {
@@ -1015,6 +1166,55 @@ impl<O: Write> App<O> {
         outcome
             .and_then(Reply::success)
             .map_err(|error| task.failed(error))
+    }
+
+    /// Like [`App::call`], for a request that needs a volume in the right status: a refusal
+    /// because of its status gets a hint that names the way out.
+    async fn call_on_volume(
+        &self,
+        request: (Method, &str, Option<Value>),
+        task: &Task,
+        volume: &str,
+        action: &str,
+    ) -> Result<Reply, Failure> {
+        let (method, path, body) = request;
+        let outcome = self.client.request(method, path, body.as_ref(), &[]).await;
+        let error = match outcome.and_then(Reply::success) {
+            Ok(reply) => return Ok(reply),
+            Err(error) => error,
+        };
+
+        let fault = error.fault().cloned();
+        let failure = task.failed(error);
+        if fault
+            .as_ref()
+            .is_some_and(|fault| fault.status == 409 && fault.mentions("re-imaged"))
+        {
+            return Err(failure.with_hint(format!(
+                "wait until `volumectl show {volume}` says the re-image ended"
+            )));
+        }
+        if fault
+            .as_ref()
+            .is_some_and(|fault| fault.status == 409 && fault.mentions("is open"))
+        {
+            return Err(failure.with_hint(
+                "`losetup -l` lists loop devices and their files (`losetup -d DEVICE` detaches \
+                 one); `fuser -v FILE` names the processes that hold the file open",
+            ));
+        }
+        let Some(fault) = fault.filter(|fault| fault.status == 400 && fault.mentions("status"))
+        else {
+            return Err(failure);
+        };
+        let status = match self.volume_status(volume).await {
+            Some(status) => Some(status),
+            None => fault.message.as_deref().and_then(status_in_message),
+        };
+        match status.and_then(|status| volume_status_hint(action, volume, &status)) {
+            Some(hint) => Err(failure.with_hint(hint)),
+            None => Err(failure),
+        }
     }
 
     fn emit(&mut self, text: &str) -> Result<(), Failure> {
@@ -1095,9 +1295,24 @@ impl<O: Write> App<O> {
 
         let task = Task::volume(format!("cannot create volume {}", args.name));
         let body = json!({ "volume": spec });
-        let reply = self
-            .call(Method::POST, "/v3/volumes", Some(body), &task)
-            .await?;
+        let outcome = self
+            .client
+            .request(Method::POST, "/v3/volumes", Some(&body), &[])
+            .await;
+        let reply = match outcome.and_then(Reply::success) {
+            Ok(reply) => reply,
+            Err(error) => {
+                let taken = error.fault().is_some_and(|fault| fault.status == 409);
+                let failure = task.failed(error);
+                if taken {
+                    return Err(failure.with_hint(format!(
+                        "choose another name; `volumectl show {}` shows the existing volume",
+                        args.name
+                    )));
+                }
+                return Err(failure);
+            }
+        };
         if self.json {
             return self.emit_json_reply(&reply, json!({"volume": {"name": args.name}}));
         }
@@ -1118,8 +1333,9 @@ impl<O: Write> App<O> {
 
     async fn delete_volume(&mut self, volume: &str) -> Result<(), Failure> {
         let task = Task::volume(format!("cannot delete volume {volume}"));
+        let path = volume_path(volume);
         let reply = self
-            .call(Method::DELETE, &volume_path(volume), None, &task)
+            .call_on_volume((Method::DELETE, &path, None), &task, volume, "delete")
             .await?;
         if self.json {
             let ack = json!({"action": "delete", "volume": volume, "accepted": true});
@@ -1132,7 +1348,9 @@ impl<O: Write> App<O> {
         let task = Task::volume(format!("cannot extend {volume} to {new_size} GiB"));
         let body = json!({"os-extend": {"new_size": new_size}});
         let path = volume_action_path(volume);
-        let reply = self.call(Method::POST, &path, Some(body), &task).await?;
+        let reply = self
+            .call_on_volume((Method::POST, &path, Some(body)), &task, volume, "extend")
+            .await?;
         if self.json {
             let ack = json!({"action": "os-extend", "volume": volume, "new_size": new_size,
                 "accepted": true});
@@ -1151,7 +1369,21 @@ impl<O: Write> App<O> {
         let task = Task::volume(format!("cannot reset the status of {}", args.volume));
         let path = volume_action_path(&args.volume);
         let body = json!({ "os-reset_status": reset });
-        let reply = self.call(Method::POST, &path, Some(body), &task).await?;
+        let outcome = self
+            .client
+            .request(Method::POST, &path, Some(&body), &[])
+            .await;
+        let reply = match outcome.and_then(Reply::success) {
+            Ok(reply) => reply,
+            Err(error) => {
+                let hint = error.fault().and_then(reset_status_hint);
+                let failure = task.failed(error);
+                return Err(match hint {
+                    Some(hint) => failure.with_hint(hint),
+                    None => failure,
+                });
+            }
+        };
         if self.json {
             let ack = json!({"action": "os-reset_status", "volume": args.volume,
                 "status": args.status, "attach_status": args.attach_status, "accepted": true});
@@ -1719,8 +1951,9 @@ impl<O: Write> App<O> {
             spec.insert("connector".into(), connector);
         }
         let body = json!({ "attachment": spec });
+        let request = (Method::POST, "/v3/attachments", Some(body));
         let reply = self
-            .call(Method::POST, "/v3/attachments", Some(body), &task)
+            .call_on_volume(request, &task, volume, "attach")
             .await?;
         self.print_attachment(&reply, &task)
     }
@@ -1779,6 +2012,29 @@ impl<O: Write> App<O> {
         }
         self.emit(&format!("deleted attachment {id}"))
     }
+}
+
+/// Renders the manual page of `command` and, for section 1, one page per visible subcommand
+/// (`volumectl-image-import.1`), adding the files to `written`.
+fn write_manual_page(
+    command: clap::Command,
+    section: &str,
+    dir: &Path,
+    written: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    let subcommands: Vec<clap::Command> = command
+        .get_subcommands()
+        .filter(|subcommand| !subcommand.is_hide_set())
+        .cloned()
+        .collect();
+    let page = clap_mangen::Man::new(command)
+        .section(section)
+        .manual("volumed");
+    written.push(page.generate_to(dir)?);
+    for subcommand in subcommands {
+        write_manual_page(subcommand, section, dir, written)?;
+    }
+    Ok(())
 }
 
 /// What `reimage --wait` is waiting for.
@@ -2229,6 +2485,22 @@ mod tests {
     }
 
     #[test]
+    fn plain_progress_repeats_an_unchanged_line_only_after_a_while() {
+        let start = Instant::now();
+        let mut view = ProgressView::new("vol1", false);
+        let mut sink = Vec::new();
+
+        for second in [0, 2, 4, 6, 31, 33] {
+            let at = start + Duration::from_secs(second);
+            view.update(&mut sink, at, MIB_BYTES, 4 * MIB_BYTES);
+        }
+        view.finish(&mut sink, MIB_BYTES, 4 * MIB_BYTES);
+
+        let text = String::from_utf8_lossy(&sink);
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
     fn terminal_progress_redraws_one_line() {
         let start = Instant::now();
         let mut view = ProgressView::new("vol1", true);
@@ -2332,6 +2604,40 @@ updated_at:          later
         assert!(reimage_status_hint("vol1", Some("reserved"), false).contains("--reserved"));
         assert!(reimage_status_hint("vol1", Some("error"), true).starts_with("vol1 is error"));
         assert!(reimage_status_hint("vol1", None, false).contains("available"));
+    }
+
+    #[test]
+    fn volume_status_hints_say_how_to_get_out() {
+        let reserved = volume_status_hint("delete", "vol1", "reserved").expect("a hint");
+        let running = volume_status_hint("extend", "vol1", "downloading").expect("a hint");
+        let error = volume_status_hint("extend", "vol1", "error").expect("a hint");
+
+        assert!(reserved.starts_with("vol1 is reserved: to delete it, detach it first"));
+        assert!(
+            reserved.contains("`volumectl attachment delete ID`"),
+            "{reserved}"
+        );
+        assert!(running.contains("`volumectl show vol1`"), "{running}");
+        assert!(error.contains("`volumectl reset-status vol1 --status available`"));
+        assert_eq!(volume_status_hint("delete", "vol1", "available"), None);
+    }
+
+    #[test]
+    fn reset_status_hints_list_the_accepted_values() {
+        let fault = |status, message: &str| {
+            let body = json!({"badRequest": {"code": status, "message": message}});
+            ApiFault::parse(status, body.to_string().as_bytes())
+        };
+
+        let status = reset_status_hint(&fault(400, "Invalid input for field/attribute status."));
+        let attach = reset_status_hint(&fault(400, "... attach_status. Value: x."));
+        let denied = reset_status_hint(&fault(403, "Policy doesn't allow it"));
+
+        let status = status.expect("a hint");
+        assert!(status.contains("available, error"), "{status}");
+        assert!(!status.contains("downloading"), "{status}");
+        assert!(attach.is_some_and(|hint| hint.contains("detached")));
+        assert!(denied.is_some_and(|hint| hint.contains("administrators")));
     }
 
     #[test]

@@ -1,25 +1,12 @@
 //! `volumed`: the daemon. Runs in the foreground; see `volumed --help`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// Serves block-device volumes as files through FUSE and re-images them on request.
-#[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
-struct Args {
-    /// Configuration file (TOML); without it, built-in defaults are used.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check_config: bool,
-}
+use volumed::daemon_args::DaemonArgs;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = DaemonArgs::parse();
     let config = match volumed::config::Config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
