@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A parked request: runs once the fence lifts.
 pub type Parked = Box<dyn FnOnce() + Send>;
@@ -30,6 +31,10 @@ struct GateState {
     fenced: bool,
     in_flight: usize,
     parked: VecDeque<Parked>,
+    /// When the running fence closed, for the time spent fenced.
+    fenced_since: Option<Instant>,
+    /// Time spent fenced by fences that have lifted.
+    fenced_total: Duration,
 }
 
 /// Proof that a request is in flight; dropping it lets a waiting fence proceed.
@@ -67,7 +72,11 @@ impl Gate {
 
     /// Closes the gate without waiting: requests from now on are parked.
     pub fn close(&self) {
-        self.lock().fenced = true;
+        let mut state = self.lock();
+        if !state.fenced {
+            state.fenced = true;
+            state.fenced_since = Some(Instant::now());
+        }
     }
 
     /// Waits until every request that entered before [`Gate::close`] has finished.
@@ -86,6 +95,9 @@ impl Gate {
         let parked = {
             let mut state = self.lock();
             state.fenced = false;
+            if let Some(since) = state.fenced_since.take() {
+                state.fenced_total += since.elapsed();
+            }
             std::mem::take(&mut state.parked)
         };
         for request in parked {
@@ -96,6 +108,15 @@ impl Gate {
     /// Whether the gate is fenced now.
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced
+    }
+
+    /// Time this gate has spent fenced, the running fence included.
+    pub fn fenced_time(&self) -> Duration {
+        let state = self.lock();
+        let running = state
+            .fenced_since
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        state.fenced_total + running
     }
 
     /// How many requests wait for the fence to lift.
@@ -165,6 +186,23 @@ mod tests {
         gate.unfence();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert!(gate.try_enter().is_some());
+    }
+
+    #[test]
+    fn fenced_time_grows_while_fenced_and_stops_when_lifted() {
+        let gate = Gate::default();
+        assert_eq!(gate.fenced_time(), Duration::ZERO);
+
+        gate.fence();
+        std::thread::sleep(Duration::from_millis(30));
+        let during = gate.fenced_time();
+        assert!(during >= Duration::from_millis(30), "{during:?}");
+
+        gate.unfence();
+        let after = gate.fenced_time();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(gate.fenced_time(), after, "an open gate adds no time");
+        assert!(after >= during);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use uuid::Uuid;
 
 use crate::gate::Gate;
+use crate::metrics::VolumeMetrics;
 
 /// The data path of one volume.
 pub struct VolumeFile {
@@ -37,6 +38,8 @@ pub struct VolumeFile {
     refill_running: AtomicBool,
     /// Bytes of the image the running refill has processed.
     pub refill_done: AtomicU64,
+    /// Counters of the data path and of re-images, for `GET /metrics`.
+    pub metrics: VolumeMetrics,
 }
 
 impl VolumeFile {
@@ -64,6 +67,7 @@ impl VolumeFile {
             deleted: AtomicBool::new(false),
             refill_running: AtomicBool::new(false),
             refill_done: AtomicU64::new(0),
+            metrics: VolumeMetrics::default(),
         })
     }
 
