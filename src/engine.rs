@@ -781,8 +781,8 @@ impl Engine {
         }
     }
 
-    /// The completion write: a compare-and-swap out of `downloading`. Emits the outcome,
-    /// counts it and logs it.
+    /// The completion write: a compare-and-swap out of `downloading`. Emits the outcome and
+    /// counts it under the lock (so whoever sees the outcome finds it counted), then logs it.
     fn finish_reimage(
         &self,
         volume: &VolumeRecord,
@@ -869,12 +869,21 @@ impl Engine {
         }
         self.events.emit(volume, outcome);
         self.publish(&mut state, next);
-        self.count_reimage_outcome(volume, image.id, result, bytes_done, elapsed);
+        self.count_reimage_outcome(volume, result, bytes_done, elapsed);
 
         // Under the same lock that `reimage` claims it with: once the outcome is visible, a
         // new re-image or a delete is accepted.
         if let Some(file) = self.file_by_ino(volume.ino) {
             file.end_refill();
+        }
+        drop(state);
+
+        let seconds = elapsed.as_secs_f64();
+        match result {
+            Ok(stats) => tracing::info!(volume = ?volume.name, image = %image.id, seconds,
+                bytes = stats.scanned, written = stats.written, "re-image finished"),
+            Err(reason) => tracing::error!(volume = ?volume.name, image = %image.id, seconds,
+                kind = refill::failure_kind(reason), reason = ?reason, "re-image failed"),
         }
     }
 
@@ -1400,16 +1409,14 @@ impl Engine {
         *state = next;
     }
 
-    /// Counts a finished re-image in the metrics and logs its outcome.
+    /// Counts a finished re-image in the metrics.
     fn count_reimage_outcome(
         &self,
         volume: &VolumeRecord,
-        image: Uuid,
         result: &std::result::Result<refill::RefillStats, String>,
         bytes_done: u64,
         elapsed: Duration,
     ) {
-        let seconds = elapsed.as_secs_f64();
         if let Some(file) = self.file_by_ino(volume.ino) {
             let counter = match result {
                 Ok(_) => &file.metrics.reimages_succeeded,
@@ -1421,17 +1428,10 @@ impl Engine {
                 .fetch_add(bytes_done, Ordering::Relaxed);
         }
         match result {
-            Ok(stats) => {
-                self.metrics.count_refill(Outcome::Succeeded, elapsed);
-                tracing::info!(volume = ?volume.name, image = %image, seconds,
-                    bytes = stats.scanned, written = stats.written, "re-image finished");
-            }
+            Ok(_) => self.metrics.count_refill(Outcome::Succeeded, elapsed),
             Err(reason) => {
-                let kind = refill::failure_kind(reason);
                 self.metrics.count_refill(Outcome::Failed, elapsed);
-                self.metrics.count_failure(kind);
-                tracing::error!(volume = ?volume.name, image = %image, seconds,
-                    kind, reason = ?reason, "re-image failed");
+                self.metrics.count_failure(refill::failure_kind(reason));
             }
         }
     }

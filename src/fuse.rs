@@ -199,6 +199,7 @@ fn read_into_reply(
     });
 }
 
+/// Serves a read into `buf`, counts it, and answers it.
 fn answer_read(
     file: &VolumeFile,
     metrics: &Metrics,
@@ -216,6 +217,7 @@ fn answer_read(
     }
 }
 
+/// Serves a write of `data`, counts it, and answers it.
 fn answer_write(
     file: &VolumeFile,
     metrics: &Metrics,
