@@ -87,3 +87,28 @@ fn stderr_is_journal() -> bool {
     let meta = stderr.map(std::fs::File::from).and_then(|f| f.metadata());
     meta.is_ok_and(|m| m.dev() == device && m.ino() == inode)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one test that touches `JOURNAL_STREAM`, so no other test sees it change.
+    #[test]
+    fn journal_is_detected_only_when_the_variable_names_stderr() {
+        let stderr = std::io::stderr().as_fd().try_clone_to_owned().unwrap();
+        let meta = std::fs::File::from(stderr).metadata().unwrap();
+
+        std::env::remove_var("JOURNAL_STREAM");
+        assert!(!stderr_is_journal());
+        std::env::set_var("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        assert!(stderr_is_journal());
+        std::env::set_var(
+            "JOURNAL_STREAM",
+            format!("{}:{}", meta.dev(), meta.ino() + 1),
+        );
+        assert!(!stderr_is_journal(), "another stream than stderr");
+        std::env::set_var("JOURNAL_STREAM", "garbage");
+        assert!(!stderr_is_journal());
+        std::env::remove_var("JOURNAL_STREAM");
+    }
+}
