@@ -10,6 +10,8 @@
 //!    [`ClientError::Api`] with the daemon's fault message.
 //! 2. [`Client::upload`] streams a reader as the request body in 1 MiB frames, counting the
 //!    bytes handed to the connection so a caller can draw progress while it runs.
+//! 3. [`Client::follow`] reads a Server-Sent Events stream (`GET /v3/events`) message by
+//!    message until the daemon ends it.
 
 use std::fmt;
 use std::io;
@@ -22,10 +24,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -368,7 +370,79 @@ impl Client {
         builder
     }
 
+    /// Follows the Server-Sent Events stream at `path`, handing each message to `on_event`
+    /// until it returns false (`Ok`) or the daemon ends the stream (`Ok`, a complete
+    /// response). A refusal is [`ClientError::Api`]; a stream that breaks off is
+    /// [`ClientError::Transport`]. Only the response head is subject to the timeout.
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut on_event: impl FnMut(ServerEvent) -> bool,
+    ) -> Result<(), ClientError> {
+        let builder = self.builder(Method::GET, path);
+        let accept = [("Accept", "text/event-stream")];
+        let request = finish_request(builder, &accept, Full::new(Bytes::new()))?;
+        let (response, _connection) = match self.timeout {
+            Some(limit) => tokio::time::timeout(limit, self.send(request))
+                .await
+                .map_err(|_| ClientError::TimedOut(limit))??,
+            None => self.send(request).await?,
+        };
+
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(ClientError::Transport)?
+                .to_bytes();
+            return Reply {
+                status,
+                body: bytes,
+            }
+            .success()
+            .map(|_| ());
+        }
+
+        let mut parser = EventParser::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(ClientError::Transport)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for event in parser.push(&data) {
+                if !on_event(event) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn exchange<B>(&self, request: Request<B>) -> Result<Reply, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (response, _connection) = self.send(request).await?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::Transport)?
+            .to_bytes();
+        Ok(Reply { status, body })
+    }
+
+    /// Connects, sends `request` and returns the response head with the task that drives
+    /// the connection; the body can be read while that task lives.
+    async fn send<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<(Response<Incoming>, AbortOnDrop<()>), ClientError>
     where
         B: Body + Send + 'static,
         B::Data: Send,
@@ -386,7 +460,7 @@ impl Client {
             .map_err(ClientError::Transport)?;
 
         // The connection's errors also fail the request, so the task may drop them.
-        let _connection = AbortOnDrop(tokio::spawn(async move {
+        let connection = AbortOnDrop(tokio::spawn(async move {
             let _ = connection.await;
         }));
 
@@ -394,14 +468,74 @@ impl Client {
             .send_request(request)
             .await
             .map_err(ClientError::Transport)?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Transport)?
-            .to_bytes();
-        Ok(Reply { status, body })
+        Ok((response, connection))
+    }
+}
+
+/// One message of a Server-Sent Events stream.
+#[derive(Clone, Debug, Default, Eq, PartialEq)]
+pub struct ServerEvent {
+    /// The `event:` field (the event's type), if any.
+    pub event: Option<String>,
+    /// The `id:` field, if any.
+    pub id: Option<String>,
+    /// The `data:` lines, joined by line feeds.
+    pub data: String,
+}
+
+/// Splits a Server-Sent Events stream into messages, fed with bytes as they arrive.
+/// Comments are dropped; a message ends at an empty line.
+#[derive(Debug, Default)]
+pub struct EventParser {
+    line: Vec<u8>,
+    message: ServerEvent,
+    has_data: bool,
+}
+
+impl EventParser {
+    /// Takes the next bytes; returns the messages they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<ServerEvent> {
+        let mut complete = Vec::new();
+        for &byte in bytes {
+            if byte != b'\n' {
+                self.line.push(byte);
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if let Some(message) = self.take_line(&String::from_utf8_lossy(&line)) {
+                complete.push(message);
+            }
+        }
+        complete
+    }
+
+    fn take_line(&mut self, line: &str) -> Option<ServerEvent> {
+        if line.is_empty() {
+            let message = std::mem::take(&mut self.message);
+            let has_data = std::mem::take(&mut self.has_data);
+            return (has_data || message.event.is_some()).then_some(message);
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => self.message.event = Some(value.to_owned()),
+            "id" => self.message.id = Some(value.to_owned()),
+            "data" => {
+                if self.has_data {
+                    self.message.data.push('\n');
+                }
+                self.message.data.push_str(value);
+                self.has_data = true;
+            }
+            _ => {}
+        }
+        None
     }
 }
 
@@ -849,5 +983,26 @@ mod tests {
 
         assert!(matches!(error, ClientError::Upload(_)), "{error:?}");
         assert!(error.to_string().contains("10 of 20 bytes"), "{error}");
+    }
+
+    #[test]
+    fn event_parser_splits_messages_across_pieces() {
+        let mut parser = EventParser::default();
+        assert!(parser
+            .push(b": hello\n\nid: 1\nevent: volume.cre")
+            .is_empty());
+        let events = parser.push(b"ated\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\nda");
+        assert_eq!(
+            events,
+            [ServerEvent {
+                event: Some("volume.created".into()),
+                id: Some("1".into()),
+                data: "{\"a\":1}".into(),
+            }]
+        );
+        let events = parser.push(b"ta: x\ndata:y\n\n");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "x\ny");
+        assert_eq!(events[0].event, None);
     }
 }

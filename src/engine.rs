@@ -9,6 +9,10 @@
 //! A re-image then runs on its own thread (`Engine::run_refill`): fence the volume's I/O,
 //! refill the backing file, make it durable, lift the fence, invalidate every kernel cache
 //! the daemon can reach, and only then compare-and-swap out of `downloading`.
+//!
+//! Every publication of a new state goes through `Engine::publish`, which emits the volume
+//! events (created, deleted, status) the change amounts to, under the state lock; re-image
+//! events are emitted next to the publication they describe. See [`crate::events`].
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 use serde_json::Value;
@@ -25,7 +29,9 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::{self, EventBus, EventKind};
 use crate::identity::{self, Caller};
+use crate::metrics::{self, Metrics, Outcome, VolumeSample};
 use crate::model::{
     timestamp, AttachStatus, AttachmentRecord, ImageRecord, ImageStatus, ReimageRecord,
     ReimageState, VolumeRecord, VolumeStatus, GIB,
@@ -108,7 +114,12 @@ pub struct Engine {
     notifier: Mutex<Option<fuser::Notifier>>,
     stopping: AtomicBool,
     refills: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    events: EventBus,
 }
+
+/// How often a running refill reports its progress as an event.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Loads the state, repairs what a crash left behind, and opens every volume.
@@ -140,12 +151,65 @@ impl Engine {
             notifier: Mutex::new(None),
             stopping: AtomicBool::new(false),
             refills: Mutex::new(Vec::new()),
+            metrics: Arc::new(Metrics::default()),
+            events: EventBus::default(),
         }))
     }
 
     /// The configuration the daemon runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The counters shared with the data path.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The volume events, for followers of `GET /v3/events`.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// Whether `who` may see the volume of `owner_uid`, and so its events (`volume:get`).
+    pub fn may_see(&self, who: &Caller, owner_uid: u32) -> bool {
+        self.policy()
+            .allows("volume:get", who, &Target::owned_by(owner_uid))
+    }
+
+    /// Every metric in Prometheus' text format, for callers `volumed:metrics` allows.
+    pub fn metrics_text(&self, who: &Caller) -> Result<String> {
+        self.policy()
+            .enforce("volumed:metrics", who, &Target::default())?;
+
+        // A snapshot under the lock; the rendering runs without it.
+        let samples: Vec<VolumeSample> = {
+            let state = lock(&self.state);
+            state
+                .volumes
+                .values()
+                .map(|v| VolumeSample {
+                    id: v.id,
+                    name: v.name.clone(),
+                    status: v.status,
+                    file: None,
+                })
+                .collect()
+        };
+        let mut files: HashMap<Uuid, Arc<VolumeFile>> =
+            self.files().into_iter().map(|f| (f.id, f)).collect();
+        let samples: Vec<VolumeSample> = samples
+            .into_iter()
+            .map(|mut sample| {
+                sample.file = files.remove(&sample.id);
+                sample
+            })
+            .collect();
+        Ok(metrics::render(
+            &samples,
+            &self.metrics,
+            self.events.followers(),
+        ))
     }
 
     /// Gives the engine the means to invalidate kernel caches of the mount.
@@ -407,7 +471,7 @@ impl Engine {
         self.store
             .save(&next)
             .map_err(|e| Error::io("cannot save state", &e))?;
-        *state = next;
+        self.publish(&mut state, next);
         drop(state);
 
         self.invalidate(volume.ino, false);
@@ -588,7 +652,17 @@ impl Engine {
                 file.end_refill();
                 return Err(Error::io("cannot save state", &e));
             }
-            *state = next;
+            self.events.emit(
+                &volume,
+                EventKind::ReimageStarted {
+                    image_id: image.id,
+                    bytes_total: image.virtual_size.unwrap_or(0),
+                },
+            );
+            self.publish(&mut state, next);
+            file.metrics
+                .reimages_started
+                .fetch_add(1, Ordering::Relaxed);
 
             // The fence closes before the request is answered: I/O issued after a client
             // saw it accepted must wait for the new content, never reach the old one.
@@ -602,12 +676,13 @@ impl Engine {
     }
 
     fn spawn_refill(&self, volume: VolumeRecord, image: ImageRecord) -> Result<()> {
+        let accepted = Instant::now();
         let (volume_copy, image_copy) = (volume.clone(), image.clone());
         let engine = self.self_arc()?;
         let name = format!("refill-{}", volume.ino);
         let spawned = std::thread::Builder::new()
             .name(name)
-            .spawn(move || engine.run_refill(volume, image));
+            .spawn(move || engine.run_refill(volume, image, accepted));
         match spawned {
             Ok(handle) => {
                 let mut refills = lock(&self.refills);
@@ -617,7 +692,8 @@ impl Engine {
             }
             Err(e) => {
                 let reason = format!("cannot start the refill: {e}");
-                self.finish_reimage(&volume_copy, &image_copy, &Err(reason.clone()));
+                let elapsed = accepted.elapsed();
+                self.finish_reimage(&volume_copy, &image_copy, &Err(reason.clone()), elapsed);
                 if let Some(file) = self.file_by_ino(volume_copy.ino) {
                     file.gate.unfence();
                 }
@@ -627,11 +703,10 @@ impl Engine {
     }
 
     /// Runs one refill to its end; see the module documentation for the order of steps.
-    fn run_refill(&self, volume: VolumeRecord, image: ImageRecord) {
+    fn run_refill(&self, volume: VolumeRecord, image: ImageRecord, accepted: Instant) {
         let Some(file) = self.file_by_ino(volume.ino) else {
             return;
         };
-        let started = Instant::now();
 
         // The gate was closed when the request was accepted; wait for I/O already in flight,
         // and for the reclaim after an earlier re-image to finish its chunk.
@@ -655,19 +730,26 @@ impl Engine {
             cancel: &self.stopping,
         };
         let path = self.store.image_path(image.id);
-        let result = match image.disk_format.as_str() {
-            "qcow2" => refill::refill_qcow2(&file, &path, params),
-            _ => refill::refill_raw(&file, &path, params),
-        };
-        if let Err(reason) = &result {
+
+        // The progress reporter ends when its channel's sender, held by this scope, drops:
+        // it has reported its last event before the outcome is published.
+        let result = std::thread::scope(|scope| {
+            let (refill_over, over_rx) = std::sync::mpsc::channel::<()>();
+            scope.spawn(|| self.report_progress(&file, &volume, &image, over_rx));
+            let result = match image.disk_format.as_str() {
+                "qcow2" => refill::refill_qcow2(&file, &path, params),
+                _ => refill::refill_raw(&file, &path, params),
+            };
+            drop(refill_over);
+            result
+        });
+        if result.is_err() {
             // A failed re-image leaves nothing of the old content and nothing half-written.
             if let Err(e) =
                 discard(file.backing(), file.size()).and_then(|()| file.backing().sync_data())
             {
                 tracing::error!(volume = ?volume.name, "cannot discard after failed refill: {e}");
             }
-            tracing::error!(volume = ?volume.name, image = %image.id, reason = ?reason,
-                "re-image failed");
         }
 
         // Every cache the daemon can reach is clean before the outcome is published, so a
@@ -677,14 +759,10 @@ impl Engine {
         file.gate.unfence();
         self.invalidate(volume.ino, true);
         loopdev::flush_loop_devices(&self.config.mountpoint.join(&volume.name));
-        self.finish_reimage(&volume, &image, &result);
-
+        self.finish_reimage(&volume, &image, &result, accepted.elapsed());
         drop(maintenance);
 
         if let Ok(stats) = result {
-            tracing::info!(volume = ?volume.name, image = %image.id,
-                seconds = started.elapsed().as_secs_f64(), bytes = stats.scanned,
-                written = stats.written, "re-image finished");
             self.reclaim_space(&file, &volume, &started_at, stats.zeroed);
         }
     }
@@ -733,12 +811,41 @@ impl Engine {
             "freed blocks given back");
     }
 
-    /// The completion write: a compare-and-swap out of `downloading`.
+    /// Emits a progress event every [`PROGRESS_EVERY`] while the refill moves, until
+    /// `refill_over` disconnects.
+    fn report_progress(
+        &self,
+        file: &VolumeFile,
+        volume: &VolumeRecord,
+        image: &ImageRecord,
+        refill_over: std::sync::mpsc::Receiver<()>,
+    ) {
+        let mut reported = 0;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            refill_over.recv_timeout(PROGRESS_EVERY)
+        {
+            let bytes_done = file.refill_done.load(Ordering::Acquire);
+            if bytes_done == reported {
+                continue;
+            }
+            reported = bytes_done;
+            let progress = EventKind::ReimageProgress {
+                image_id: image.id,
+                bytes_done,
+                bytes_total: image.virtual_size.unwrap_or(0),
+            };
+            self.events.emit(volume, progress);
+        }
+    }
+
+    /// The completion write: a compare-and-swap out of `downloading`. Emits the outcome and
+    /// counts it under the lock (so whoever sees the outcome finds it counted), then logs it.
     fn finish_reimage(
         &self,
         volume: &VolumeRecord,
         image: &ImageRecord,
         result: &std::result::Result<refill::RefillStats, String>,
+        elapsed: Duration,
     ) {
         let mut state = lock(&self.state);
         let mut next = state.clone();
@@ -797,18 +904,43 @@ impl Engine {
         }
         record.updated_at = now;
 
+        let bytes_done = record.reimage.as_ref().map_or(0, |r| r.bytes_done);
+        let outcome = match result {
+            Ok(_) => EventKind::ReimageSucceeded {
+                image_id: image.id,
+                bytes_done,
+                duration_seconds: elapsed.as_secs_f64(),
+            },
+            Err(reason) => EventKind::ReimageFailed {
+                image_id: image.id,
+                reason: reason.clone(),
+                duration_seconds: elapsed.as_secs_f64(),
+            },
+        };
+
         // Publishing is not optional: the refill is over whatever the disk says. If the save
         // fails, the next successful save carries it, and a restart turns `downloading` into
         // `error` anyway.
         if let Err(e) = self.store.save(&next) {
             tracing::error!(volume = ?volume.name, "cannot save the re-image outcome: {e}");
         }
-        *state = next;
+        self.events.emit(volume, outcome);
+        self.publish(&mut state, next);
+        self.count_reimage_outcome(volume, result, bytes_done, elapsed);
 
         // Under the same lock that `reimage` claims it with: once the outcome is visible, a
         // new re-image or a delete is accepted.
         if let Some(file) = self.file_by_ino(volume.ino) {
             file.end_refill();
+        }
+        drop(state);
+
+        let seconds = elapsed.as_secs_f64();
+        match result {
+            Ok(stats) => tracing::info!(volume = ?volume.name, image = %image.id, seconds,
+                bytes = stats.scanned, written = stats.written, "re-image finished"),
+            Err(reason) => tracing::error!(volume = ?volume.name, image = %image.id, seconds,
+                kind = refill::failure_kind(reason), reason = ?reason, "re-image failed"),
         }
     }
 
@@ -1312,8 +1444,53 @@ impl Engine {
         self.store
             .save(&next)
             .map_err(|e| Error::io("cannot save state", &e))?;
-        *state = next;
+        self.publish(&mut state, next);
         Ok(out)
+    }
+
+    /// Makes `next` the state, emitting the volume events the change amounts to.
+    fn publish(&self, state: &mut State, next: State) {
+        for (id, before) in &state.volumes {
+            let after = next.volumes.get(id);
+            if let Some(kind) = events::changes(Some(before), after) {
+                self.events.emit(after.unwrap_or(before), kind);
+            }
+        }
+        for (id, created) in &next.volumes {
+            if !state.volumes.contains_key(id) {
+                if let Some(kind) = events::changes(None, Some(created)) {
+                    self.events.emit(created, kind);
+                }
+            }
+        }
+        *state = next;
+    }
+
+    /// Counts a finished re-image in the metrics.
+    fn count_reimage_outcome(
+        &self,
+        volume: &VolumeRecord,
+        result: &std::result::Result<refill::RefillStats, String>,
+        bytes_done: u64,
+        elapsed: Duration,
+    ) {
+        if let Some(file) = self.file_by_ino(volume.ino) {
+            let counter = match result {
+                Ok(_) => &file.metrics.reimages_succeeded,
+                Err(_) => &file.metrics.reimages_failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            file.metrics
+                .refill_bytes
+                .fetch_add(bytes_done, Ordering::Relaxed);
+        }
+        match result {
+            Ok(_) => self.metrics.count_refill(Outcome::Succeeded, elapsed),
+            Err(reason) => {
+                self.metrics.count_refill(Outcome::Failed, elapsed);
+                self.metrics.count_failure(refill::failure_kind(reason));
+            }
+        }
     }
 
     fn visible_volume<'s>(

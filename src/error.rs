@@ -108,17 +108,7 @@ impl Error {
 
     /// The fault name of the OpenStack error body (`{"badRequest": {...}}`).
     pub fn fault_name(&self) -> &'static str {
-        match self.status() {
-            400 => "badRequest",
-            403 => "forbidden",
-            404 => "itemNotFound",
-            405 => "badMethod",
-            406 => "notAcceptable",
-            409 => "conflictingRequest",
-            413 => "overLimit",
-            415 => "badMediaType",
-            _ => "computeFault",
-        }
+        fault_name_for_status(self.status())
     }
 
     /// The errno a FUSE writer of the control file receives.
@@ -135,6 +125,21 @@ impl Error {
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Internal => libc::EIO,
         }
+    }
+}
+
+/// The fault name the API gives an error `status`.
+pub fn fault_name_for_status(status: u16) -> &'static str {
+    match status {
+        400 => "badRequest",
+        403 => "forbidden",
+        404 => "itemNotFound",
+        405 => "badMethod",
+        406 => "notAcceptable",
+        409 => "conflictingRequest",
+        413 => "overLimit",
+        415 => "badMediaType",
+        _ => "computeFault",
     }
 }
 

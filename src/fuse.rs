@@ -15,7 +15,12 @@
 //! Data requests (read, write, fallocate, lseek, fsync) pass the volume's [`Gate`]; metadata
 //! requests (lookup, getattr, open, release, statfs, readdir, flush) never wait for a fence.
 //!
+//! Read, write, fallocate and fsync are counted in the volume's [`VolumeMetrics`] (atomics
+//! only, no lock) just before they are answered, so a client that saw its request complete
+//! finds it counted; every error reply counts its errno.
+//!
 //! [`Gate`]: crate::gate::Gate
+//! [`VolumeMetrics`]: crate::metrics::VolumeMetrics
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -23,7 +28,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -33,6 +38,7 @@ use fuser::{
 
 use crate::engine::Engine;
 use crate::identity::Caller;
+use crate::metrics::{IoOp, Metrics};
 use crate::volume::VolumeFile;
 
 const ROOT: u64 = 1;
@@ -56,6 +62,7 @@ status or conflict), EFBIG (image larger than the volume) or EINVAL (malformed).
 /// The FUSE file system of the daemon.
 pub struct VolumeFs {
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
     state_dir: std::path::PathBuf,
     mounted_at: SystemTime,
 }
@@ -65,6 +72,7 @@ impl VolumeFs {
     pub fn new(engine: Arc<Engine>) -> Self {
         let state_dir = engine.config().state_dir.clone();
         Self {
+            metrics: engine.metrics(),
             engine,
             state_dir,
             mounted_at: SystemTime::now(),
@@ -113,6 +121,17 @@ impl VolumeFs {
     fn volume(&self, ino: u64) -> Result<Arc<VolumeFile>, Errno> {
         self.engine.file_by_ino(ino).ok_or(Errno::ENXIO)
     }
+
+    /// Counts an error reply; returns its errno for the reply.
+    fn failed(&self, errno: Errno) -> Errno {
+        counted(&self.metrics, errno)
+    }
+}
+
+/// Counts an error reply in `metrics`; returns its errno for the reply.
+fn counted(metrics: &Metrics, errno: Errno) -> Errno {
+    metrics.count_fuse_error(errno.code());
+    errno
 }
 
 fn volume_attr(file: &VolumeFile) -> io::Result<FileAttr> {
@@ -158,16 +177,62 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn read_into_reply(file: &VolumeFile, offset: u64, size: usize, reply: ReplyData) {
+/// Where and when a read or write arrived, for its answer and its counters.
+#[derive(Clone, Copy)]
+struct DataRequest {
+    offset: u64,
+    started: Instant,
+}
+
+fn read_into_reply(
+    file: &VolumeFile,
+    metrics: &Metrics,
+    request: DataRequest,
+    size: usize,
+    reply: ReplyData,
+) {
     READ_BUF.with_borrow_mut(|buf| {
         if buf.len() < size {
             buf.resize(size.max(MAX_IO), 0);
         }
-        match file.read_at(&mut buf[..size], offset) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer_read(file, metrics, request, &mut buf[..size], reply);
     });
+}
+
+/// Serves a read into `buf`, counts it, and answers it.
+fn answer_read(
+    file: &VolumeFile,
+    metrics: &Metrics,
+    request: DataRequest,
+    buf: &mut [u8],
+    reply: ReplyData,
+) {
+    let read = file.read_at(buf, request.offset);
+    let moved = read.as_ref().map_or(0, |&n| n as u64);
+    file.metrics
+        .record_io(IoOp::Read, moved, request.started.elapsed());
+    match read {
+        Ok(n) => reply.data(&buf[..n]),
+        Err(e) => reply.error(counted(metrics, errno(&e))),
+    }
+}
+
+/// Serves a write of `data`, counts it, and answers it.
+fn answer_write(
+    file: &VolumeFile,
+    metrics: &Metrics,
+    request: DataRequest,
+    data: &[u8],
+    reply: ReplyWrite,
+) {
+    let written = file.write_at(data, request.offset);
+    let moved = written.as_ref().map_or(0, |&n| n as u64);
+    file.metrics
+        .record_io(IoOp::Write, moved, request.started.elapsed());
+    match written {
+        Ok(n) => reply.written(n as u32),
+        Err(e) => reply.error(counted(metrics, errno(&e))),
+    }
 }
 
 impl Filesystem for VolumeFs {
@@ -184,25 +249,25 @@ impl Filesystem for VolumeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 != ROOT {
-            return reply.error(Errno::ENOENT);
+            return reply.error(self.failed(Errno::ENOENT));
         }
         let Some(name) = name.to_str() else {
-            return reply.error(Errno::ENOENT);
+            return reply.error(self.failed(Errno::ENOENT));
         };
         if name == CONTROL_NAME {
             return reply.entry(&TTL, &self.control_attr(), Generation(0));
         }
         match self.engine.file_by_name(name).map(|f| volume_attr(&f)) {
             Some(Ok(attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Some(Err(e)) => reply.error(errno(&e)),
-            None => reply.error(Errno::ENOENT),
+            Some(Err(e)) => reply.error(self.failed(errno(&e))),
+            None => reply.error(self.failed(Errno::ENOENT)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(self.failed(e)),
         }
     }
 
@@ -226,7 +291,7 @@ impl Filesystem for VolumeFs {
     ) {
         let attr = match self.attr(ino.0) {
             Ok(attr) => attr,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(self.failed(e)),
         };
 
         // Ownership and mode belong to the daemon; time updates (touch) are accepted and
@@ -235,7 +300,7 @@ impl Filesystem for VolumeFs {
             uid.is_some_and(|u| u != attr.uid) || gid.is_some_and(|g| g != attr.gid);
         let changes_mode = mode.is_some_and(|m| (m & 0o7777) as u16 != attr.perm);
         if changes_owner || changes_mode {
-            return reply.error(Errno::EPERM);
+            return reply.error(self.failed(Errno::EPERM));
         }
 
         // A volume's size is fixed. `open(O_TRUNC)` arrives as a size-0 setattr without a
@@ -244,7 +309,7 @@ impl Filesystem for VolumeFs {
         if let Some(size) = size {
             let is_open_truncate = size == 0 && fh.is_none();
             if ino.0 != CONTROL && size != attr.size && !is_open_truncate {
-                return reply.error(Errno::EPERM);
+                return reply.error(self.failed(Errno::EPERM));
             }
         }
         reply.attr(&TTL, &attr);
@@ -253,14 +318,14 @@ impl Filesystem for VolumeFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let flags = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
         match ino.0 {
-            ROOT => reply.error(Errno::EISDIR),
+            ROOT => reply.error(self.failed(Errno::EISDIR)),
             CONTROL => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             _ => match self.engine.file_by_ino(ino.0) {
                 Some(file) => {
                     file.opened();
                     reply.opened(FileHandle(ino.0), flags);
                 }
-                None => reply.error(Errno::ENOENT),
+                None => reply.error(self.failed(Errno::ENOENT)),
             },
         }
     }
@@ -300,21 +365,23 @@ impl Filesystem for VolumeFs {
         }
         let file = match self.volume(ino.0) {
             Ok(file) => file,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(self.failed(e)),
         };
         let size = (size as usize).min(MAX_IO);
+        let request = DataRequest {
+            offset,
+            started: Instant::now(),
+        };
 
         if let Some(_in_flight) = file.gate.try_enter() {
-            return read_into_reply(&file, offset, size, reply);
+            return read_into_reply(&file, &self.metrics, request, size, reply);
         }
+        let metrics = self.metrics.clone();
         gated(
             file,
             Box::new(move |f| {
                 let mut buf = vec![0u8; size];
-                match f.read_at(&mut buf, offset) {
-                    Ok(n) => reply.data(&buf[..n]),
-                    Err(e) => reply.error(errno(&e)),
-                }
+                answer_read(f, &metrics, request, &mut buf, reply);
             }),
         );
     }
@@ -336,23 +403,23 @@ impl Filesystem for VolumeFs {
         }
         let file = match self.volume(ino.0) {
             Ok(file) => file,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(self.failed(e)),
+        };
+
+        let request = DataRequest {
+            offset,
+            started: Instant::now(),
         };
 
         if let Some(_in_flight) = file.gate.try_enter() {
-            return match file.write_at(data, offset) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&e)),
-            };
+            return answer_write(&file, &self.metrics, request, data, reply);
         }
         // The request buffer is reused once we return: a parked write owns a copy.
         let data = data.to_vec();
+        let metrics = self.metrics.clone();
         gated(
             file,
-            Box::new(move |f| match f.write_at(&data, offset) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&e)),
-            }),
+            Box::new(move |f| answer_write(f, &metrics, request, &data, reply)),
         );
     }
 
@@ -379,7 +446,7 @@ impl Filesystem for VolumeFs {
         if ino.0 == CONTROL {
             return reply.ok();
         }
-        self.gated_empty(ino, reply, move |f| f.sync(datasync));
+        self.gated_empty(ino, (IoOp::Flush, 0), reply, move |f| f.sync(datasync));
     }
 
     fn fallocate(
@@ -392,7 +459,9 @@ impl Filesystem for VolumeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.gated_empty(ino, reply, move |f| f.fallocate(offset, length, mode));
+        self.gated_empty(ino, (IoOp::Fallocate, length), reply, move |f| {
+            f.fallocate(offset, length, mode)
+        });
     }
 
     fn lseek(
@@ -405,17 +474,18 @@ impl Filesystem for VolumeFs {
         reply: ReplyLseek,
     ) {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return reply.error(Errno::EINVAL);
+            return reply.error(self.failed(Errno::EINVAL));
         }
+        let metrics = self.metrics.clone();
         match self.volume(ino.0) {
             Ok(file) => gated(
                 file,
                 Box::new(move |f| match f.seek_data_or_hole(offset, whence) {
                     Ok(found) => reply.offset(found),
-                    Err(e) => reply.error(errno(&e)),
+                    Err(e) => reply.error(counted(&metrics, errno(&e))),
                 }),
             ),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(self.failed(e)),
         }
     }
 
@@ -428,7 +498,7 @@ impl Filesystem for VolumeFs {
         mut reply: ReplyDirectory,
     ) {
         if ino.0 != ROOT {
-            return reply.error(Errno::ENOTDIR);
+            return reply.error(self.failed(Errno::ENOTDIR));
         }
         let mut entries = vec![
             (ROOT, FileType::Directory, ".".to_string()),
@@ -458,18 +528,18 @@ impl Filesystem for VolumeFs {
         reply: fuser::ReplyIoctl,
     ) {
         // Tools probe file-system ioctls (e2fsck, mount); a regular file has none of them.
-        reply.error(Errno::ENOTTY);
+        reply.error(self.failed(Errno::ENOTTY));
     }
 
     // The mount's names are the daemon's: volumes come and go through the API only. Every
     // attempt to change the namespace gets EPERM, not fuser's logged ENOSYS.
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn rename(
@@ -482,7 +552,7 @@ impl Filesystem for VolumeFs {
         _flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn mkdir(
@@ -494,7 +564,7 @@ impl Filesystem for VolumeFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn mknod(
@@ -507,7 +577,7 @@ impl Filesystem for VolumeFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn create(
@@ -520,7 +590,7 @@ impl Filesystem for VolumeFs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn symlink(
@@ -531,7 +601,7 @@ impl Filesystem for VolumeFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn link(
@@ -542,7 +612,7 @@ impl Filesystem for VolumeFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(self.failed(Errno::EPERM));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -558,47 +628,56 @@ impl Filesystem for VolumeFs {
                 255,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.failed(errno(&e))),
         }
     }
 }
 
 impl VolumeFs {
-    /// Runs `op` on volume `ino` through its gate and answers `reply` with the outcome.
+    /// Runs `op` on volume `ino` through its gate, counts it as `kind` covering `bytes`, and
+    /// answers `reply` with the outcome.
     fn gated_empty(
         &self,
         ino: INodeNo,
+        (kind, bytes): (IoOp, u64),
         reply: ReplyEmpty,
         op: impl FnOnce(&VolumeFile) -> io::Result<()> + Send + 'static,
     ) {
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
         match self.volume(ino.0) {
             Ok(file) => gated(
                 file,
-                Box::new(move |f| match op(f) {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(errno(&e)),
+                Box::new(move |f| {
+                    let outcome = op(f);
+                    let moved = if outcome.is_ok() { bytes } else { 0 };
+                    f.metrics.record_io(kind, moved, started.elapsed());
+                    match outcome {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(counted(&metrics, errno(&e))),
+                    }
                 }),
             ),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(self.failed(e)),
         }
     }
 
     fn control_write(&self, req: &Request, data: &[u8], reply: ReplyWrite) {
         let caller = Caller::from_process(req.uid(), req.gid(), req.pid());
         let Ok(text) = std::str::from_utf8(data) else {
-            return reply.error(Errno::EINVAL);
+            return reply.error(self.failed(Errno::EINVAL));
         };
         let line = text.strip_suffix('\n').unwrap_or(text);
         if line.contains('\n') {
-            return reply.error(Errno::EINVAL);
+            return reply.error(self.failed(Errno::EINVAL));
         }
 
         match self.engine.control(&caller, line) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
-                tracing::info!(uid = caller.uid, line = ?line, error = %e,
+                tracing::info!(uid = caller.uid, line = ?line, error = ?e.message(),
                     "control file request refused");
-                reply.error(Errno::from_i32(e.errno()));
+                reply.error(self.failed(Errno::from_i32(e.errno())));
             }
         }
     }

@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// A parked request: runs once the fence lifts.
 pub type Parked = Box<dyn FnOnce() + Send>;
@@ -35,6 +36,10 @@ struct GateState {
     fences: u32,
     in_flight: usize,
     parked: VecDeque<Parked>,
+    /// When the running fence closed, for the time spent fenced.
+    fenced_since: Option<Instant>,
+    /// Time spent fenced by fences that have lifted.
+    fenced_total: Duration,
 }
 
 /// Proof that a request is in flight; dropping it lets a waiting fence proceed.
@@ -72,7 +77,11 @@ impl Gate {
 
     /// Closes the gate without waiting: requests from now on are parked.
     pub fn close(&self) {
-        self.lock().fences += 1;
+        let mut state = self.lock();
+        if state.fences == 0 {
+            state.fenced_since = Some(Instant::now());
+        }
+        state.fences += 1;
     }
 
     /// Waits until every request that entered before [`Gate::close`] has finished.
@@ -95,6 +104,9 @@ impl Gate {
             if state.fences > 0 {
                 return;
             }
+            if let Some(since) = state.fenced_since.take() {
+                state.fenced_total += since.elapsed();
+            }
             std::mem::take(&mut state.parked)
         };
         for request in parked {
@@ -105,6 +117,15 @@ impl Gate {
     /// Whether the gate is fenced now.
     pub fn is_fenced(&self) -> bool {
         self.lock().fences > 0
+    }
+
+    /// Time this gate has spent fenced, the running fence included.
+    pub fn fenced_time(&self) -> Duration {
+        let state = self.lock();
+        let running = state
+            .fenced_since
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        state.fenced_total + running
     }
 
     /// How many requests wait for the fence to lift.
@@ -196,6 +217,23 @@ mod tests {
         gate.unfence();
         assert!(!gate.is_fenced());
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn fenced_time_grows_while_fenced_and_stops_when_lifted() {
+        let gate = Gate::default();
+        assert_eq!(gate.fenced_time(), Duration::ZERO);
+
+        gate.fence();
+        std::thread::sleep(Duration::from_millis(30));
+        let during = gate.fenced_time();
+        assert!(during >= Duration::from_millis(30), "{during:?}");
+
+        gate.unfence();
+        let after = gate.fenced_time();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(gate.fenced_time(), after, "an open gate adds no time");
+        assert!(after >= during);
     }
 
     #[test]

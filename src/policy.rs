@@ -126,6 +126,11 @@ pub const ACTIONS: &[(&str, &str, &str)] = &[
         "rule:admin_api",
         "Let a deactivated image be used again.",
     ),
+    (
+        "volumed:metrics",
+        "rule:admin_api",
+        "Read GET /metrics: counters of every volume, names and ids included.",
+    ),
 ];
 
 /// Built-in rule aliases: (name, check string).

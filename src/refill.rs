@@ -59,6 +59,28 @@ pub struct RefillParams<'a> {
     pub cancel: &'a AtomicBool,
 }
 
+/// The kind of a refill's failure reason, one of a small fixed set for the metrics:
+/// `cancelled`, `image_changed`, `image_corrupt`, `image_invalid`, `image_unreadable`,
+/// `volume_io` or `other`. It reads the messages this module writes, so the two stay side
+/// by side here.
+pub fn failure_kind(reason: &str) -> &'static str {
+    if reason.contains("cancelled") {
+        "cancelled"
+    } else if reason.contains("shrank") || reason.contains("changed on disk") {
+        "image_changed"
+    } else if reason.contains("corrupt") {
+        "image_corrupt"
+    } else if reason.contains("qcow2 image") || reason.contains("does not fit") {
+        "image_invalid"
+    } else if reason.contains("the volume") {
+        "volume_io"
+    } else if reason.contains("image") {
+        "image_unreadable"
+    } else {
+        "other"
+    }
+}
+
 /// The xxh3-128 of a whole stream, as [`RefillParams::expected_hash`] expects it.
 pub fn new_hasher() -> Xxh3 {
     Xxh3::new()
@@ -770,6 +792,52 @@ mod tests {
     }
 
     static NO_CANCEL: AtomicBool = AtomicBool::new(false);
+
+    #[test]
+    fn failure_reasons_fall_into_their_kinds() {
+        let cases = [
+            (
+                "the refill was cancelled because volumed is stopping",
+                "cancelled",
+            ),
+            (
+                "the image became unreadable: it shrank during the refill",
+                "image_changed",
+            ),
+            (
+                "the image file is 1 bytes but 2 were uploaded: it changed on disk",
+                "image_changed",
+            ),
+            (
+                "the image's bytes differ from the bytes that were uploaded: the stored image \
+                 is corrupt",
+                "image_corrupt",
+            ),
+            ("the qcow2 image is invalid: bad magic", "image_invalid"),
+            ("the qcow2 image is empty", "image_invalid"),
+            (
+                "image of 5 bytes does not fit the volume of 4 bytes",
+                "image_invalid",
+            ),
+            (
+                "cannot write the volume at offset 0: No space left",
+                "volume_io",
+            ),
+            ("cannot make the volume durable: EIO", "volume_io"),
+            ("cannot discard the volume at offset 4096: EIO", "volume_io"),
+            ("cannot open image: No such file", "image_unreadable"),
+            (
+                "cannot map the image at offset 0: ENOMEM",
+                "image_unreadable",
+            ),
+            ("cannot stat the image: EIO", "image_unreadable"),
+            ("too many refills running at once", "other"),
+            ("cannot start the refill: EAGAIN", "other"),
+        ];
+        for (reason, kind) in cases {
+            assert_eq!(failure_kind(reason), kind, "{reason}");
+        }
+    }
 
     fn params(image_len: u64, window: usize, cancel: &AtomicBool) -> RefillParams<'_> {
         RefillParams {

@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use uuid::Uuid;
 
 use crate::gate::Gate;
+use crate::metrics::VolumeMetrics;
 
 /// The data path of one volume.
 pub struct VolumeFile {
@@ -49,6 +50,8 @@ pub struct VolumeFile {
     /// Held by a refill for its whole run and by the reclaim for each chunk, so the reclaim
     /// never punches a range that a refill is writing.
     maintenance: Mutex<()>,
+    /// Counters of the data path and of re-images, for `GET /metrics`.
+    pub metrics: VolumeMetrics,
 }
 
 /// Bytes the reclaim punches under one fence.
@@ -80,6 +83,7 @@ impl VolumeFile {
             refill_running: AtomicBool::new(false),
             refill_done: AtomicU64::new(0),
             maintenance: Mutex::new(()),
+            metrics: VolumeMetrics::default(),
         })
     }
 

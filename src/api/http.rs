@@ -3,17 +3,60 @@
 
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// The body type of every response: small and fully built before it is sent.
-pub type Body = Full<Bytes>;
+/// The body type of every response: small and fully built before it is sent, or a stream
+/// (`GET /v3/events`).
+pub type Body = Either<Full<Bytes>, StreamBody>;
+
+/// A response body sent as its producer hands over the pieces; it ends when the producer
+/// drops its sender, and the producer learns that the client left when sending fails.
+pub struct StreamBody {
+    pieces: mpsc::Receiver<Bytes>,
+}
+
+impl StreamBody {
+    /// A body and the sender that feeds it, holding at most `ahead` unsent pieces.
+    pub fn channel(ahead: usize) -> (mpsc::Sender<Bytes>, Self) {
+        let (sender, pieces) = mpsc::channel(ahead);
+        (sender, Self { pieces })
+    }
+}
+
+impl hyper::body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.pieces
+            .poll_recv(cx)
+            .map(|piece| piece.map(|bytes| Ok(Frame::data(bytes))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// A response with a complete body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(bytes.into()))
+}
 
 /// Largest JSON request body; the reading stops as soon as a body grows past it.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
@@ -37,7 +80,7 @@ pub const OCTET_STREAM: &str = "application/octet-stream";
 pub fn json(status: StatusCode, body: &Value) -> Response<Body> {
     // A `Value` always serializes: its keys are strings and its numbers finite.
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let mut response = Response::new(full(bytes));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -47,7 +90,7 @@ pub fn json(status: StatusCode, body: &Value) -> Response<Body> {
 
 /// A response without a body (202 and 204 answers).
 pub fn empty(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = status;
     response
 }

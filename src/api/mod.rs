@@ -15,13 +15,19 @@
 //! 5. The handler calls the engine on the blocking thread pool, since the engine may fsync,
 //!    and renders the result with `views`; errors become OpenStack fault bodies.
 //!
+//! Two routes are not Cinder's or Glance's: `GET /metrics` (`metrics`) and the event stream
+//! `GET /v3/events` (`event_stream`), a response that lasts until the daemon stops.
+//!
 //! On shutdown the listener stops accepting, open connections finish the request in flight
-//! and close, and whatever is still running after [`SHUTDOWN_GRACE`] is dropped.
+//! and close (event streams end at once), and whatever is still running after
+//! [`SHUTDOWN_GRACE`] is dropped.
 
 mod attachments;
+mod event_stream;
 mod http;
 mod images;
 mod input;
+mod metrics;
 mod router;
 #[cfg(test)]
 mod tests;
@@ -130,10 +136,12 @@ pub async fn serve(
     }
 }
 
-/// What every request of one connection shares: the engine and who is calling.
+/// What every request of one connection shares: the engine, who is calling, and the
+/// daemon's stop signal (which long-lived responses watch).
 struct Context {
     engine: Arc<Engine>,
     caller: Arc<Caller>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Context {
@@ -189,6 +197,7 @@ async fn serve_connection(
     let context = Arc::new(Context {
         engine,
         caller: Arc::new(caller),
+        shutdown: shutdown.clone(),
     });
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::http::{self, Body};
 use super::version::{self, ApiVersion};
-use super::{attachments, images, volumes, Context};
+use super::{attachments, event_stream, images, metrics, volumes, Context};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Every resource the API serves; path parameters are percent-decoded.
@@ -43,6 +43,10 @@ pub enum Route {
     ImageDeactivate(String),
     /// `/v2/images/{id}/actions/reactivate`
     ImageReactivate(String),
+    /// `/v3/events`
+    Events,
+    /// `/metrics`
+    Metrics,
 }
 
 impl Route {
@@ -75,6 +79,8 @@ impl Route {
             ["v3", "attachments", "detail"] => Route::AttachmentsDetail,
             ["v3", "attachments", id] => Route::Attachment(key(id)),
             ["v3", "attachments", id, "action"] => Route::AttachmentAction(key(id)),
+            ["v3", "events"] => Route::Events,
+            ["metrics"] => Route::Metrics,
             ["v2", "images"] => Route::Images,
             ["v2", "images", image] => Route::Image(key(image)),
             ["v2", "images", id, "file"] => Route::ImageFile(key(id)),
@@ -102,6 +108,8 @@ impl Route {
             Route::ImageFile(_) => "/v2/images/<id>/file",
             Route::ImageDeactivate(_) => "/v2/images/<id>/actions/deactivate",
             Route::ImageReactivate(_) => "/v2/images/<id>/actions/reactivate",
+            Route::Events => "/v3/events",
+            Route::Metrics => "/metrics",
         }
     }
 
@@ -120,7 +128,11 @@ impl Route {
     /// The methods the route answers, for the `Allow` header of a 405.
     pub fn allow(&self) -> &'static str {
         match self {
-            Route::Versions | Route::VolumesDetail | Route::AttachmentsDetail => "GET",
+            Route::Versions
+            | Route::VolumesDetail
+            | Route::AttachmentsDetail
+            | Route::Events
+            | Route::Metrics => "GET",
             Route::Volumes | Route::Attachments | Route::Images => "GET, POST",
             Route::Volume(_) | Route::Image(_) => "GET, DELETE",
             Route::Attachment(_) => "GET, PUT, DELETE",
@@ -178,12 +190,11 @@ pub async fn handle(ctx: &Context, request: Request<Incoming>) -> Response<Body>
         }
     }
 
-    tracing::debug!(
-        method = %head.method,
-        path = ?path,
-        status = response.status().as_u16(),
-        "request"
-    );
+    let status = response.status().as_u16();
+    if status >= 400 {
+        ctx.engine.metrics().count_api_fault(status);
+    }
+    tracing::debug!(method = %head.method, path = ?path, status, "request");
     response
 }
 
@@ -269,6 +280,9 @@ async fn dispatch(
         (&Method::PUT, Route::ImageFile(id)) => images::upload(ctx, id, headers, body).await,
         (&Method::POST, Route::ImageDeactivate(id)) => images::set_active(ctx, id, false).await,
         (&Method::POST, Route::ImageReactivate(id)) => images::set_active(ctx, id, true).await,
+
+        (&Method::GET, Route::Events) => event_stream::follow(ctx).await,
+        (&Method::GET, Route::Metrics) => metrics::show(ctx).await,
 
         (method, route) => Err(Error::new(
             ErrorKind::MethodNotAllowed,
@@ -404,6 +418,15 @@ mod tests {
             route("/v2/images/i/actions/reactivate"),
             Some(Route::ImageReactivate("i".into()))
         );
+    }
+
+    #[test]
+    fn routes_of_metrics_and_events() {
+        assert_eq!(route("/metrics"), Some(Route::Metrics));
+        assert_eq!(route("/v3/events"), Some(Route::Events));
+        assert_eq!(route("/v3/events/x"), None);
+        assert_eq!(route("/v2/metrics"), None);
+        assert_eq!(Route::Events.allow(), "GET");
     }
 
     #[test]

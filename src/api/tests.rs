@@ -54,16 +54,26 @@ impl Reply {
 struct Server {
     _dir: tempfile::TempDir,
     socket: PathBuf,
+    engine: Arc<Engine>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with_policy(&[]).await
+    }
+
+    /// A server whose `[policy]` table holds `rules`.
+    async fn start_with_policy(rules: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             state_dir: dir.path().join("state"),
             mountpoint: dir.path().join("mnt"),
+            policy: rules
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Config::default()
         };
         let store = Store::open(&config.state_dir).unwrap();
@@ -72,10 +82,11 @@ impl Server {
         let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, engine, stopped));
+        let task = tokio::spawn(serve(listener, Arc::clone(&engine), stopped));
         Self {
             _dir: dir,
             socket,
+            engine,
             stop,
             task,
         }
@@ -575,4 +586,133 @@ async fn shutdown_closes_idle_keep_alive_connections() {
         started.elapsed()
     );
     drop(idle);
+}
+
+/// Opens `GET /v3/events` and reads its head; the caller is then subscribed.
+async fn follow_events(server: &Server) -> UnixStream {
+    let mut stream = UnixStream::connect(&server.socket).await.unwrap();
+    stream
+        .write_all(b"GET /v3/events HTTP/1.1\r\nHost: volumed\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    stream
+}
+
+/// A record to emit events about, owned by whoever runs the test (so visible to them).
+fn some_volume() -> crate::model::VolumeRecord {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    crate::model::VolumeRecord {
+        id: uuid::Uuid::new_v4(),
+        name: "v".into(),
+        description: None,
+        size: 1,
+        status: crate::model::VolumeStatus::Available,
+        previous_status: None,
+        status_reason: None,
+        owner_uid: uid,
+        owner_gid: uid,
+        bootable: false,
+        image_metadata: Default::default(),
+        ino: 16,
+        reimage: None,
+        created_at: crate::model::timestamp(),
+        updated_at: crate::model::timestamp(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_that_does_not_read_is_told_how_many_events_it_missed() {
+    let server = Server::start().await;
+    let mut stream = follow_events(&server).await;
+
+    // Far more than the ring, the queue and the socket buffers hold, while nobody reads.
+    let volume = some_volume();
+    for _ in 0..20_000 {
+        server
+            .engine
+            .events()
+            .emit(&volume, crate::events::EventKind::Deleted);
+    }
+
+    let mut seen = Vec::new();
+    let lagged = loop {
+        let mut buf = [0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the stream goes on")
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(at) = text.find("event: lagged\ndata: ") {
+            let line = text[at..].lines().nth(1).map(str::to_owned);
+            if let Some(line) = line.filter(|l| l.ends_with('}')) {
+                break line;
+            }
+        }
+    };
+    let data: Value = serde_json::from_str(lagged.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(data["type"], "lagged");
+    assert!(data["missed"].as_u64().unwrap() > 0, "{data}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn event_streams_end_cleanly_and_at_once_when_the_server_stops() {
+    let server = Server::start().await;
+    let mut stream = follow_events(&server).await;
+
+    let started = tokio::time::Instant::now();
+    server.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a stream does not hold the shutdown: {:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    assert!(
+        rest.ends_with(b"0\r\n\r\n"),
+        "a complete chunked response: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_answer_in_the_text_format_and_count_faults() {
+    // Whoever runs the test may read them, administrator or not.
+    let server = Server::start_with_policy(&[("volumed:metrics", "@")]).await;
+    let missing = server
+        .json("GET", "/v3/volumes/missing", Some("3.0"), None)
+        .await;
+    assert_eq!(missing.status, 404);
+
+    let reply = server.request("GET", "/metrics", &[], b"").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8(reply.body).unwrap();
+    assert!(
+        text.contains("volumed_api_faults_total{status=\"404\",fault=\"itemNotFound\"} 1\n"),
+        "{text}"
+    );
+    let reply = server.request("POST", "/metrics", &[], b"").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("GET"));
+    server.stop().await;
 }

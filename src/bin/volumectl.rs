@@ -66,7 +66,7 @@ Exit codes:
   1    volumed refused or failed the request, or a local file could
        not be read or written
   2    usage error
-  3    volumed could not be reached or did not answer
+  3    volumed could not be reached or did not answer (or an event stream broke off)
   4    the re-image waited for with --wait failed
   5    --wait gave up after --timeout (the re-image goes on in
        volumed)
@@ -139,6 +139,16 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Follow volume events (one line each, or one JSON object each with --json) until
+    /// volumed stops
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Only the events of this volume (id or name)
+    #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+    volume: Option<String>,
 }
 
 const COMPLETIONS_ABOUT: &str = "\
@@ -1085,6 +1095,7 @@ impl<O: Write> App<O> {
             Command::Attachment(command) => self.run_attachment(command).await,
             Command::Completions(args) => self.print_completions(args),
             Command::Man { dir } => self.write_manual_pages(&dir),
+            Command::Events(args) => self.follow_events(args).await,
         }
     }
 
@@ -2011,6 +2022,49 @@ impl<O: Write> App<O> {
             return self.emit_json_reply(&reply, json!({"action": "delete", "attachment": id}));
         }
         self.emit(&format!("deleted attachment {id}"))
+    }
+
+    /// Prints events as they come; ends (exit 0) when volumed ends the stream.
+    async fn follow_events(&mut self, args: EventsArgs) -> Result<(), Failure> {
+        let client = self.client.clone();
+        let mut stopped_by_output = None;
+        let followed = client
+            .follow("/v3/events", |message| {
+                let Ok(event) = serde_json::from_str::<Value>(&message.data) else {
+                    return true;
+                };
+                if args
+                    .volume
+                    .as_deref()
+                    .is_some_and(|volume| !volumed::events::concerns(&event, volume))
+                {
+                    return true;
+                }
+                let line = match self.json {
+                    true => message.data,
+                    false => volumed::events::describe(&event),
+                };
+                self.emit(&line)
+                    .map_err(|failure| stopped_by_output = Some(failure))
+                    .is_ok()
+            })
+            .await;
+
+        match (followed, stopped_by_output) {
+            (_, Some(failure)) => Err(failure),
+            (Ok(()), None) => {
+                if !self.json {
+                    let _ = writeln!(self.progress, "volumectl: volumed ended the event stream");
+                }
+                Ok(())
+            }
+            (Err(ClientError::Transport(error)), None) => Err(Failure::new(
+                exit::UNREACHABLE,
+                format!("the event stream from volumed broke off: {error}"),
+            )
+            .with_hint("see volumed's log; run `volumectl events` again once it serves")),
+            (Err(error), None) => Err(Task::volume("cannot follow events").failed(error)),
+        }
     }
 }
 
