@@ -64,8 +64,6 @@
 
 use std::fmt;
 
-use miniz_oxide::inflate::core::{decompress as inflate, inflate_flags, DecompressorOxide};
-use miniz_oxide::inflate::TINFLStatus;
 use zstd::stream::raw::{DParameter, Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 /// The first four bytes of every qcow2 image.
@@ -903,7 +901,9 @@ impl Iterator for Pieces<'_, '_> {
 
 /// Reusable inflate state; one per thread that decompresses clusters.
 pub struct Decompressor {
-    deflate: Box<DecompressorOxide>,
+    /// libdeflate: whole-buffer inflation, which suits a cluster whose inflated size is
+    /// known and is faster than a streaming inflater.
+    deflate: libdeflater::Decompressor,
     zstd: Option<ZstdDecoder<'static>>,
 }
 
@@ -923,7 +923,7 @@ impl Decompressor {
     /// Empty state; the zstd decoder is only set up for the first zstd cluster.
     pub fn new() -> Self {
         Self {
-            deflate: Box::default(),
+            deflate: libdeflater::Decompressor::new(),
             zstd: None,
         }
     }
@@ -931,17 +931,16 @@ impl Decompressor {
     /// Inflates raw deflate `input` into exactly `out.len()` bytes; bytes after the end of
     /// the stream (sector padding, the next compressed cluster) are ignored.
     fn inflate_deflate(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
-        self.deflate.init();
-        let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-        let (status, _, written) = inflate(&mut self.deflate, input, out, 0, flags);
-        match status {
-            TINFLStatus::Done if written == out.len() => Ok(()),
-            TINFLStatus::Done => Err("the data inflates to less than a cluster"),
-            TINFLStatus::HasMoreOutput => Err("the data inflates to more than a cluster"),
-            TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => {
-                Err("the compressed data is cut short")
+        // libdeflate stops at the stream's final block, whatever follows it in `input`.
+        match self.deflate.deflate_decompress(input, out) {
+            Ok(written) if written == out.len() => Ok(()),
+            Ok(_) => Err("the data inflates to less than a cluster"),
+            Err(libdeflater::DecompressionError::InsufficientSpace) => {
+                Err("the data inflates to more than a cluster")
             }
-            _ => Err("the data is not valid deflate"),
+            Err(libdeflater::DecompressionError::BadData) => {
+                Err("the data is not valid deflate, or is cut short")
+            }
         }
     }
 
