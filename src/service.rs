@@ -42,6 +42,9 @@ use crate::identity::Caller;
 /// How often the status line is recomputed (it is sent only when it changed).
 const STATUS_PERIOD: Duration = Duration::from_secs(1);
 
+/// Longest wait for the status line.
+const STATUS_DEADLINE: Duration = Duration::from_millis(200);
+
 /// At most this many re-imaging volumes are named in the status line.
 const STATUS_NAMES: usize = 3;
 
@@ -192,8 +195,8 @@ pub fn statx_forced(path: &Path) -> io::Result<libc::statx> {
 
 /// The mount and the control API, each probed on a thread of its own.
 pub struct Probes {
-    mount: Probe,
-    api: Probe,
+    mount: Probe<()>,
+    api: Probe<()>,
 }
 
 impl Probes {
@@ -217,17 +220,17 @@ impl Probes {
 
 /// One probe: a thread that runs the check on request, so a hung check cannot hang the
 /// caller, and a check still hanging from last time is not started twice.
-struct Probe {
+struct Probe<T> {
     name: &'static str,
     request: Sender<()>,
-    answer: Receiver<Result<(), String>>,
+    answer: Receiver<Result<T, String>>,
     hung_since: Option<Instant>,
 }
 
-impl Probe {
+impl<T: Send + 'static> Probe<T> {
     fn spawn(
         name: &'static str,
-        check: impl Fn() -> Result<(), String> + Send + 'static,
+        check: impl Fn() -> Result<T, String> + Send + 'static,
     ) -> io::Result<Self> {
         let (request, requests) = mpsc::channel::<()>();
         let (answers, answer) = mpsc::channel();
@@ -248,7 +251,7 @@ impl Probe {
         })
     }
 
-    fn check(&mut self, deadline: Duration) -> Result<(), String> {
+    fn check(&mut self, deadline: Duration) -> Result<T, String> {
         if let Some(since) = self.hung_since {
             match self.answer.try_recv() {
                 // A late answer to an earlier probe says nothing about now: probe again.
@@ -357,10 +360,13 @@ impl Supervisor {
         let (wake, woken) = mpsc::channel();
         let silenced = Arc::new(Mutex::new(false));
         let shared = Arc::clone(&silenced);
+        // The status line reads the engine's state; a stuck engine must not stop the pings'
+        // bookkeeping, so it is computed on a probe thread too.
+        let status = Probe::spawn("status", move || Ok(status_line(&engine)))?;
         std::thread::Builder::new()
             .name("supervisor".to_string())
             .spawn(move || {
-                supervise(&engine, probes, watchdog, sent_status, &woken, &shared);
+                supervise(status, probes, watchdog, sent_status, &woken, &shared);
             })?;
         Ok(Self { wake, silenced })
     }
@@ -384,7 +390,7 @@ fn notify_unless_silenced(silenced: &Mutex<bool>, states: &[NotifyState]) -> boo
 }
 
 fn supervise(
-    engine: &Engine,
+    mut status: Probe<String>,
     mut probes: Probes,
     watchdog: Option<Duration>,
     mut sent_status: String,
@@ -427,7 +433,11 @@ fn supervise(
         }
 
         if Instant::now() >= next_status {
-            let mut line = status_line(engine);
+            // Without an answer in time, the last line stays.
+            let mut line = status.check(STATUS_DEADLINE).unwrap_or_else(|_| {
+                let base = sent_status.split("; unhealthy").next().unwrap_or_default();
+                base.to_string()
+            });
             if let Some(why) = &failing {
                 line.push_str(&format!("; unhealthy, watchdog pings stopped: {why}"));
             }

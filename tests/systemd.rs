@@ -943,6 +943,146 @@ fn watchdog_stops_when_the_control_socket_is_gone_and_a_restart_recovers() {
     assert_eq!(r.status, 200);
 }
 
+/// Sends SIGCONT to a stopped daemon when dropped, so a failing test never leaves it stopped.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        // SAFETY: kill on the pid of a daemon this test started and has not reaped.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// Unmounts a file system when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "umount {} || umount -l {}",
+            q(&self.0),
+            q(&self.0)
+        ));
+    }
+}
+
+/// Arrival times of pings after `since`.
+fn pings_after(notes: &Notifications, since: Instant) -> usize {
+    notes
+        .times_of("WATCHDOG=1")
+        .into_iter()
+        .filter(|t| *t > since)
+        .count()
+}
+
+/// Real hangs, not simulated ones: a daemon whose state directory sits on ext4 on a loop
+/// device over a volume of a second daemon, which the test stops with SIGSTOP. Then an fsync
+/// holds the only FUSE thread (the mount probe hangs), and later a state save holds the
+/// engine's lock (the API probe hangs): each time the pings stop with the reason logged once,
+/// and come back when the disk answers again.
+#[test]
+fn watchdog_stops_while_the_fuse_loop_or_the_api_hangs_and_resumes_after() {
+    require("losetup");
+    require("mkfs.ext4");
+    let disk_daemon = Daemon::start();
+    disk_daemon.create_volume("disk", 1);
+    let loopdev = sh_ok(&format!(
+        "losetup --find --show {}",
+        q(&disk_daemon.vol("disk"))
+    ))
+    .trim()
+    .to_string();
+    let _detach = LoopGuard(loopdev.clone());
+    sh_ok(&format!("mkfs.ext4 -q {loopdev}"));
+    let disk = disk_daemon.dir.path().join("ext4");
+    std::fs::create_dir(&disk).unwrap();
+    sh_ok(&format!("mount {loopdev} {}", q(&disk)));
+    let _unmount = Unmount(disk.clone());
+
+    // The daemon under test keeps its state on that ext4, with a single FUSE thread.
+    let mut daemon = Daemon::configure("fuse_threads = 1");
+    let state = disk.join("state");
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    let config = config.replace(
+        &format!("state_dir = {:?}", daemon.state),
+        &format!("state_dir = {state:?}"),
+    );
+    std::fs::write(&daemon.config, config).unwrap();
+    daemon.state = state;
+    let notes = Notifications::listen(daemon.dir.path());
+    start_watched(&mut daemon, &notes);
+    daemon.create_volume("vol1", 1);
+    let v = daemon.vol("vol1");
+
+    // 1. The disk stops answering while an fsync holds the only FUSE thread.
+    let stopped = Continue(disk_daemon.pid());
+    disk_daemon.signal(libc::SIGSTOP);
+    let script = format!(
+        "dd if=/dev/zero of={} bs=1M count=1 conv=notrunc,fsync status=none",
+        q(&v)
+    );
+    let writer = std::thread::spawn(move || sh(&script));
+    std::thread::sleep(Duration::from_millis(500));
+    let hung = Instant::now();
+    std::thread::sleep(secs(3));
+    assert!(
+        !writer.is_finished(),
+        "the fsync waits for the stopped disk"
+    );
+    assert_eq!(pings_after(&notes, hung), 0, "{}", notes.dump());
+    let log = daemon.log_text();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopped pinging"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "logged once: {reasons:?}");
+    assert!(reasons[0].contains("mount probe"), "{}", reasons[0]);
+
+    drop(stopped);
+    assert!(writer.join().unwrap().status.success());
+    let resumed = Instant::now();
+    notes.wait_for("WATCHDOG=1", resumed, secs(5));
+    wait_until(secs(5), "the recovery in the log", || {
+        daemon.log_text().contains("the probes pass again")
+    });
+
+    // 2. The disk stops answering while a state save holds the engine's lock.
+    let stopped = Continue(disk_daemon.pid());
+    disk_daemon.signal(libc::SIGSTOP);
+    let socket = daemon.socket.clone();
+    let reset = std::thread::spawn(move || {
+        http(
+            &socket,
+            "POST",
+            "/v3/volumes/vol1/action",
+            &[("Content-Type", "application/json")],
+            br#"{"os-reset_status": {"status": "error"}}"#,
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let hung = Instant::now();
+    std::thread::sleep(secs(3));
+    assert!(
+        !reset.is_finished(),
+        "the state save waits for the stopped disk"
+    );
+    assert_eq!(pings_after(&notes, hung), 0, "{}", notes.dump());
+    let log = daemon.log_text();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopped pinging"))
+        .collect();
+    assert_eq!(reasons.len(), 2, "logged once more: {reasons:?}");
+    assert!(reasons[1].contains("control API probe"), "{}", reasons[1]);
+
+    drop(stopped);
+    assert_eq!(reset.join().unwrap(), 202);
+    notes.wait_for("WATCHDOG=1", Instant::now(), secs(5));
+    assert_eq!(daemon.status("vol1"), "error");
+    assert!(daemon.stop().success());
+}
+
 // ----- crash and restart ---------------------------------------------------------------------
 
 /// SIGKILL in the middle of a refill, then a restart as Restart=on-failure does: READY=1
