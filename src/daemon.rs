@@ -115,6 +115,12 @@ struct Serving<'a> {
 
 impl Serving<'_> {
     async fn serve(self, listener: std::os::unix::net::UnixListener) -> Result<(), String> {
+        // Handlers first: a signal that comes once clients can connect must not find the
+        // default action (SIGHUP's would end the daemon).
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+
         let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| format!("cannot listen on {}: {e}", self.socket.display()))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -129,9 +135,6 @@ impl Serving<'_> {
             }
         };
 
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
         let cause = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",

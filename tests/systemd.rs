@@ -714,7 +714,10 @@ fn sighup_reports_reloading_then_ready_and_logs_each_changed_policy() {
         notify: Some(&notes.path),
         ..Launch::default()
     };
+    let started = Instant::now();
     start_like_systemd(&mut daemon, &launch);
+    // systemd reloads a unit only once it is running, i.e. after READY=1.
+    notes.wait_for("READY=1", started, secs(10));
 
     let mut config = std::fs::read_to_string(&daemon.config).unwrap();
     config.push_str("[policy]\n\"volume:reimage\" = \"rule:admin_api\"\n");
@@ -727,6 +730,7 @@ fn sighup_reports_reloading_then_ready_and_logs_each_changed_policy() {
     notes.wait_for("READY=1", sent, secs(5));
     let reloading_at = notes.times_of("RELOADING=1")[0];
     assert!(notes.times_of("READY=1").iter().any(|t| *t > reloading_at));
+    assert!(pid_alive(daemon.pid()), "the daemon survives SIGHUP");
     wait_until(secs(5), "the reload in the log", || {
         daemon.log_text().contains("policy changed")
     });
