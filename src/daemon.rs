@@ -1,15 +1,20 @@
 //! The daemon's life: start, serve, stop.
 //!
 //! Start, in this order so that a second daemon touches nothing:
-//! 1. take the state directory's lock (a second daemon exits here, whatever the first is
+//! 1. read what systemd handed over ([`service::Manager::from_env`]), while this is the only
+//!    thread;
+//! 2. take the state directory's lock (a second daemon exits here, whatever the first is
 //!    doing, even stopped with SIGSTOP);
-//! 2. load and repair the state ([`Engine::open`]);
-//! 3. detach a stale mount left by a crashed daemon, refuse a live one, and mount;
-//! 4. replace a stale socket, refuse a live one, and bind;
-//! 5. tell systemd `READY=1`.
+//! 3. load and repair the state ([`Engine::open`]);
+//! 4. take the socket passed by socket activation, or replace a stale socket, refuse a live
+//!    one, and bind;
+//! 5. detach a stale mount left by a crashed daemon, refuse a live one, and mount;
+//! 6. probe the mount and the socket from outside, as a client would, and only then tell
+//!    systemd `READY=1`.
 //!
-//! Stop (SIGTERM or SIGINT): refuse new requests, cancel running refills (each ends `error`
-//! with its content discarded), sync every backing file, unmount, remove the socket.
+//! Stop (SIGTERM or SIGINT): `STOPPING=1`, refuse new requests, cancel running refills (each
+//! ends `error` with its content discarded), sync every backing file, unmount, remove the
+//! socket (unless systemd owns it).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -18,17 +23,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::policy::Policy;
+use crate::service;
 use crate::store::Store;
+
+/// Longest wait for the mount and the socket to answer their first probe at start.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
+    let mut manager = service::Manager::from_env()?;
     set_io_flusher();
     warn_about_request_timeouts();
+    service::status("starting: loading the state");
 
     let store = Store::open(&config.state_dir)
         .map_err(|e| format!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
@@ -37,8 +49,22 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     Engine::register(&engine);
 
     // The socket is bound before the mount, so a second daemon that only shares the socket
-    // path is refused before it touches anything, and never removes a live socket.
-    let listener = bind_socket(&config)?;
+    // path is refused before it touches anything, and never removes a live socket. A socket
+    // passed by systemd wins over the configured path; systemd owns it and removes it.
+    let activated = manager.take_listener();
+    let owns_socket = activated.is_none();
+    let (listener, socket) = match activated {
+        Some(passed) => {
+            if passed.path != config.socket {
+                tracing::warn!(socket = %passed.path.display(),
+                    configured = %config.socket.display(),
+                    "using the socket passed by systemd instead of the configured one");
+            }
+            (passed.listener, passed.path)
+        }
+        None => (bind_socket(&config)?, config.socket.clone()),
+    };
+    service::status("starting: mounting");
     let session = prepare_mountpoint(&config.mountpoint).and_then(|()| {
         crate::fuse::mount(engine.clone())
             .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))
@@ -46,57 +72,113 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     let session = match session {
         Ok(session) => session,
         Err(e) => {
-            let _ = std::fs::remove_file(&config.socket);
+            if owns_socket {
+                let _ = std::fs::remove_file(&config.socket);
+            }
             return Err(e);
         }
     };
     tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let served = runtime.block_on(serve(engine.clone(), listener, &config, config_path));
+    let served = mount_device(&config.mountpoint)
+        .ok_or_else(|| format!("{} is not in the mount table", config.mountpoint.display()))
+        .and_then(|device| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"))?;
+            let serving = Serving {
+                engine: engine.clone(),
+                config: &config,
+                config_path,
+                socket,
+                device,
+                watchdog: manager.watchdog(),
+            };
+            runtime.block_on(serving.serve(listener))
+        });
 
-    shutdown(&engine, &config, session);
+    shutdown(&engine, &config, session, owns_socket);
     served
 }
 
-async fn serve(
+/// What the serving loop needs besides the listener.
+struct Serving<'a> {
     engine: Arc<Engine>,
-    listener: std::os::unix::net::UnixListener,
-    config: &Config,
+    config: &'a Config,
     config_path: Option<PathBuf>,
-) -> Result<(), String> {
-    let listener = tokio::net::UnixListener::from_std(listener)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.socket.display()))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let api = tokio::spawn(crate::api::serve(listener, engine.clone(), stop_rx));
+    socket: PathBuf,
+    device: (u32, u32),
+    watchdog: Option<Duration>,
+}
 
-    let volumes = engine.files().len();
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("serving {volumes} volumes")),
-    ]);
-    tracing::info!(socket = %config.socket.display(), volumes, "ready");
+impl Serving<'_> {
+    async fn serve(self, listener: std::os::unix::net::UnixListener) -> Result<(), String> {
+        // Handlers first: a signal that comes once clients can connect must not find the
+        // default action (SIGHUP's would end the daemon).
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&engine, config_path.as_deref()),
-        }
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| format!("cannot listen on {}: {e}", self.socket.display()))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let api = tokio::spawn(crate::api::serve(listener, self.engine.clone(), stop_rx));
+
+        let supervisor = match self.ready().await {
+            Ok(supervisor) => supervisor,
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
+                return Err(e);
+            }
+        };
+
+        let cause = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    service::reloading();
+                    reload(&self.engine, self.config_path.as_deref());
+                    service::notify(&[NotifyState::Ready]);
+                }
+            }
+        };
+
+        tracing::info!(signal = cause, "stopping");
+        supervisor.stop();
+        let status = format!("stopping ({cause}): refusing new requests");
+        service::notify(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
+        Ok(())
     }
 
-    tracing::info!("stopping");
-    notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
-    Ok(())
+    /// Probes the mount and the socket as a client would, then sends `READY=1` and starts
+    /// the supervisor (status lines, watchdog).
+    async fn ready(&self) -> Result<service::Supervisor, String> {
+        let mut probes = service::Probes::start(&self.config.mountpoint, self.device, &self.socket)
+            .map_err(|e| format!("cannot start the liveness probes: {e}"))?;
+        let probed = tokio::task::spawn_blocking(move || {
+            let result = probes.check(READY_DEADLINE);
+            (probes, result)
+        })
+        .await;
+        let probes = match probed {
+            Ok((probes, Ok(()))) => probes,
+            Ok((_, Err(e))) => return Err(format!("not ready: {e}")),
+            Err(e) => return Err(format!("not ready: the probe failed: {e}")),
+        };
+
+        let status = service::status_line(&self.engine);
+        service::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        tracing::info!(socket = %self.socket.display(), volumes = self.engine.files().len(),
+            "ready");
+        service::Supervisor::start(self.engine.clone(), probes, self.watchdog, status)
+            .map_err(|e| format!("cannot start the supervisor thread: {e}"))
+    }
 }
 
 fn reload(engine: &Engine, config_path: Option<&Path>) {
@@ -113,9 +195,24 @@ fn reload(engine: &Engine, config_path: Option<&Path>) {
     }
 }
 
-fn shutdown(engine: &Engine, config: &Config, session: fuser::BackgroundSession) {
+fn shutdown(
+    engine: &Engine,
+    config: &Config,
+    session: fuser::BackgroundSession,
+    owns_socket: bool,
+) {
+    let files = engine.files();
+    let refills = files.iter().filter(|f| f.refill_running()).count();
+    if refills > 0 {
+        service::status(&format!("stopping: cancelling {refills} re-image(s)"));
+    }
     engine.stop_refills();
+    service::status(&format!("stopping: syncing {} volume(s)", files.len()));
     engine.sync_all();
+    service::status(&format!(
+        "stopping: unmounting {}",
+        config.mountpoint.display()
+    ));
     unmount(&config.mountpoint);
 
     // With files still open the connection outlives a lazy unmount; do not wait for it.
@@ -126,7 +223,10 @@ fn shutdown(engine: &Engine, config: &Config, session: fuser::BackgroundSession)
     });
     let _ = done_rx.recv_timeout(Duration::from_secs(2));
 
-    let _ = std::fs::remove_file(&config.socket);
+    // A socket passed by systemd stays: volumed.socket listens on and starts us again.
+    if owns_socket {
+        let _ = std::fs::remove_file(&config.socket);
+    }
     tracing::info!("stopped");
 }
 
@@ -170,25 +270,13 @@ enum Probe {
 /// answers `ENOTCONN`. A live server that does not answer (stopped, hung) must not hang the
 /// start: the probe runs on its own thread and silence counts as alive.
 fn probe_mount(path: &Path) -> Probe {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return Probe::Live;
-    };
+    let path = path.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // SAFETY: `statx` is plain data that the call fills in.
-        let mut out: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid NUL-terminated path and a live output struct.
-        let rc = unsafe {
-            libc::statx(
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                libc::AT_STATX_FORCE_SYNC,
-                libc::STATX_BASIC_STATS,
-                &mut out,
-            )
-        };
-        let errno = (rc != 0).then(|| io::Error::last_os_error().raw_os_error());
-        let _ = tx.send(errno.flatten());
+        let errno = service::statx_forced(&path)
+            .err()
+            .and_then(|e| e.raw_os_error());
+        let _ = tx.send(errno);
     });
     match rx.recv_timeout(Duration::from_secs(2)) {
         Ok(Some(libc::ENOTCONN)) | Ok(Some(libc::ECONNABORTED)) => Probe::Dead,
@@ -198,13 +286,25 @@ fn probe_mount(path: &Path) -> Probe {
 
 /// Whether `/proc/self/mountinfo` lists a mount at `path`.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    mount_device(path).is_some()
+}
+
+/// The device (major, minor) of the mount at `path`; the topmost one if mounts are stacked.
+pub fn mount_device(path: &Path) -> Option<(u32, u32)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let wanted = path.to_string_lossy();
     info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount| unescape_mountinfo(mount) == wanted)
+        .rev()
+        .find_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let mount = fields.nth(1)?;
+            (unescape_mountinfo(mount) == wanted).then_some(device)
+        })
+        .and_then(|device| {
+            let (major, minor) = device.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
 }
 
 fn unescape_mountinfo(field: &str) -> String {
@@ -322,12 +422,6 @@ fn warn_about_request_timeouts() {
                     "a FUSE request timeout can abort the mount during a long re-image");
             }
         }
-    }
-}
-
-fn notify(states: &[sd_notify::NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
-        tracing::debug!("sd_notify: {e}");
     }
 }
 

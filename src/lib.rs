@@ -17,6 +17,7 @@ pub mod model;
 pub mod policy;
 pub mod qcow2;
 pub mod refill;
+pub mod service;
 pub mod sigbus;
 pub mod store;
 pub mod volume;

@@ -219,7 +219,36 @@ impl Daemon {
         Self::start_in(dir, &mnt, &socket, state, extra)
     }
 
+    /// Sets up the directories and daemon.toml like [`Daemon::start_with`] without starting
+    /// a process; start one with [`Daemon::spawn_and_wait`] or [`Daemon::adopt`].
+    pub fn configure(extra: &str) -> Self {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("volumed-test.")
+            .tempdir()
+            .unwrap();
+        let base = dir.path();
+        let (mnt, socket, state) = (
+            base.join("mnt"),
+            base.join("volumed.sock"),
+            base.join("state"),
+        );
+        Self::configure_in(dir, &mnt, &socket, &state, extra)
+    }
+
     fn start_in(
+        dir: tempfile::TempDir,
+        mnt: &Path,
+        socket: &Path,
+        state: &Path,
+        extra: &str,
+    ) -> Self {
+        let mut daemon = Self::configure_in(dir, mnt, socket, state, extra);
+        daemon.spawn_and_wait();
+        daemon
+    }
+
+    fn configure_in(
         dir: tempfile::TempDir,
         mnt: &Path,
         socket: &Path,
@@ -237,7 +266,7 @@ impl Daemon {
             mnt, socket, state
         );
         std::fs::write(&config, text).unwrap();
-        let mut daemon = Self {
+        Self {
             log: dir.path().join("volumed.log"),
             dir,
             mnt: mnt.to_path_buf(),
@@ -245,9 +274,7 @@ impl Daemon {
             state: state.to_path_buf(),
             config,
             child: None,
-        };
-        daemon.spawn_and_wait();
-        daemon
+        }
     }
 
     /// Starts the daemon process again on the same directories and waits until it serves.
@@ -257,13 +284,25 @@ impl Daemon {
         self.wait_ready();
     }
 
-    /// Spawns another daemon process on this configuration without waiting.
-    pub fn spawn(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
+    /// Takes `child` (a daemon started some other way, e.g. through a wrapper that execs
+    /// volumed) as this daemon's process and waits until it serves.
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// The daemon's log file, opened for appending (for the stderr of a process).
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Spawns another daemon process on this configuration without waiting.
+    pub fn spawn(&self) -> Child {
+        let log = self.log_file();
         Command::new(env!("CARGO_BIN_EXE_volumed"))
             .arg("--config")
             .arg(&self.config)
