@@ -979,6 +979,22 @@ fn pings_after(notes: &Notifications, since: Instant) -> usize {
         .count()
 }
 
+/// Waits while a hang lasts, then checks that no ping came during it and that the daemon
+/// logged why, once: the `count`th "stopped pinging" line names `probe`.
+fn assert_pings_stop(notes: &Notifications, daemon: &Daemon, count: usize, probe: &str) {
+    std::thread::sleep(Duration::from_millis(500));
+    let hung = Instant::now();
+    std::thread::sleep(secs(3));
+    assert_eq!(pings_after(notes, hung), 0, "{}", notes.dump());
+    let log = daemon.log_text();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopped pinging"))
+        .collect();
+    assert_eq!(reasons.len(), count, "logged once each: {reasons:?}");
+    assert!(reasons[count - 1].contains(probe), "{}", reasons[count - 1]);
+}
+
 /// Real hangs, not simulated ones: a daemon whose state directory sits on ext4 on a loop
 /// device over a volume of a second daemon, which the test stops with SIGSTOP. Then an fsync
 /// holds the only FUSE thread (the mount probe hangs), and later a state save holds the
@@ -1026,21 +1042,11 @@ fn watchdog_stops_while_the_fuse_loop_or_the_api_hangs_and_resumes_after() {
         q(&v)
     );
     let writer = std::thread::spawn(move || sh(&script));
-    std::thread::sleep(Duration::from_millis(500));
-    let hung = Instant::now();
-    std::thread::sleep(secs(3));
+    assert_pings_stop(&notes, &daemon, 1, "mount probe");
     assert!(
         !writer.is_finished(),
         "the fsync waits for the stopped disk"
     );
-    assert_eq!(pings_after(&notes, hung), 0, "{}", notes.dump());
-    let log = daemon.log_text();
-    let reasons: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("stopped pinging"))
-        .collect();
-    assert_eq!(reasons.len(), 1, "logged once: {reasons:?}");
-    assert!(reasons[0].contains("mount probe"), "{}", reasons[0]);
 
     drop(stopped);
     assert!(writer.join().unwrap().status.success());
@@ -1064,21 +1070,11 @@ fn watchdog_stops_while_the_fuse_loop_or_the_api_hangs_and_resumes_after() {
         )
         .status
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let hung = Instant::now();
-    std::thread::sleep(secs(3));
+    assert_pings_stop(&notes, &daemon, 2, "control API probe");
     assert!(
         !reset.is_finished(),
         "the state save waits for the stopped disk"
     );
-    assert_eq!(pings_after(&notes, hung), 0, "{}", notes.dump());
-    let log = daemon.log_text();
-    let reasons: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("stopped pinging"))
-        .collect();
-    assert_eq!(reasons.len(), 2, "logged once more: {reasons:?}");
-    assert!(reasons[1].contains("control API probe"), "{}", reasons[1]);
 
     drop(stopped);
     assert_eq!(reset.join().unwrap(), 202);
