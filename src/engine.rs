@@ -1732,9 +1732,11 @@ impl ImageUpload {
         // SAFETY: a read-only mapping of our own upload file, which nothing else writes.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| Error::io("cannot map the upload", &e))?;
-        let info = crate::qcow2::inspect(&map)
-            .map_err(|e| Error::invalid(format!("qcow2 image refused: {e}")))?;
-        Ok(info.virtual_size)
+        let image = crate::qcow2::Qcow2Image::parse_releasing(&map, &|| {
+            refill::release(&map, 0, map.len())
+        })
+        .map_err(|e| Error::invalid(format!("qcow2 image refused: {e}")))?;
+        Ok(image.info().virtual_size)
     }
 }
 

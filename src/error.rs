@@ -36,6 +36,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The daemon failed for a reason of its own (500, `EIO`).
     Internal,
+    /// A bounded resource is in use by others; trying again later may work (503, `EAGAIN`).
+    Unavailable,
 }
 
 /// A refusal or failure with a message meant for the person who sent the request.
@@ -103,6 +105,7 @@ impl Error {
             ErrorKind::PayloadTooLarge | ErrorKind::NoSpace => 413,
             ErrorKind::UnsupportedMediaType => 415,
             ErrorKind::Internal => 500,
+            ErrorKind::Unavailable => 503,
         }
     }
 
@@ -124,6 +127,7 @@ impl Error {
             ErrorKind::NotFound | ErrorKind::VersionNotFound => libc::ENOENT,
             ErrorKind::NoSpace => libc::ENOSPC,
             ErrorKind::Internal => libc::EIO,
+            ErrorKind::Unavailable => libc::EAGAIN,
         }
     }
 }
@@ -138,6 +142,7 @@ pub fn fault_name_for_status(status: u16) -> &'static str {
         406 => "notAcceptable",
         409 => "conflictingRequest",
         413 => "overLimit",
+        503 => "serviceUnavailable",
         415 => "badMediaType",
         _ => "computeFault",
     }

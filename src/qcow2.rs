@@ -341,6 +341,9 @@ pub fn inspect(bytes: &[u8]) -> Result<ImageInfo, Qcow2Error> {
     Qcow2Image::parse(bytes).map(|image| image.info())
 }
 
+/// Guest bytes between two calls of the release callback of [`Qcow2Image::parse_releasing`].
+pub const RELEASE_EVERY: u64 = 16 << 20;
+
 /// A parsed and validated qcow2 image, borrowing the bytes of the file.
 pub struct Qcow2Image<'a> {
     bytes: &'a [u8],
@@ -366,6 +369,14 @@ impl<'a> Qcow2Image<'a> {
     /// Parses `bytes`, the whole image file, and validates every structure the guest disk
     /// depends on; after `Ok`, [`Self::mappings`] yields no error.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, Qcow2Error> {
+        Self::parse_releasing(bytes, &|| {})
+    }
+
+    /// [`Self::parse`], calling `release` after every [`RELEASE_EVERY`] bytes of guest disk
+    /// checked, so that a caller who mapped the file can drop the pages read so far: the
+    /// tables of an image with small clusters are spread over the whole file, and the kernel
+    /// maps the pages around each one it reads.
+    pub fn parse_releasing(bytes: &'a [u8], release: &dyn Fn()) -> Result<Self, Qcow2Error> {
         let header = Header::read(bytes)?;
         header.check()?;
         check_extensions(bytes, &header)?;
@@ -373,7 +384,7 @@ impl<'a> Qcow2Image<'a> {
         let mut image = Self::layout(bytes, &header)?;
         let mut host = HostClusters::new(image.file_len(), header.cluster_bits)?;
         image.claim_metadata(&header, &mut host)?;
-        image.check_guest_clusters(&host)?;
+        image.check_guest_clusters(&host, release)?;
         Ok(image)
     }
 
@@ -594,10 +605,19 @@ impl<'a> Qcow2Image<'a> {
     }
 
     /// Walks the guest disk once, checking that no data lies on metadata, and counts it.
-    fn check_guest_clusters(&mut self, host: &HostClusters) -> Result<(), Qcow2Error> {
+    fn check_guest_clusters(
+        &mut self,
+        host: &HostClusters,
+        release: &dyn Fn(),
+    ) -> Result<(), Qcow2Error> {
         let (mut data_bytes, mut compressed_bytes) = (0u64, 0u64);
+        let mut next_release = RELEASE_EVERY;
         for piece in self.pieces() {
             let piece = piece?;
+            if piece.guest_offset + piece.len >= next_release {
+                release();
+                next_release = piece.guest_offset + piece.len + RELEASE_EVERY;
+            }
             match piece.extent {
                 Extent::Data { host_offset } => {
                     host.check_free(Structure::DataCluster, host_offset, piece.len)?;

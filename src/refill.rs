@@ -326,7 +326,8 @@ pub fn refill_qcow2(
     }
     check_hash(&hasher, params.expected_hash)?;
 
-    let qcow2 = Qcow2Image::parse(&map).map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
+    let qcow2 = Qcow2Image::parse_releasing(&map, &|| release(&map, 0, map.len()))
+        .map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
     if guard.faulted() {
         return Err(shrank());
     }
@@ -512,6 +513,8 @@ struct Qcow2Writer<'a, 'i> {
     started: std::time::Instant,
     inflater: Inflater,
     stats: RefillStats,
+    /// Guest offset past which [`Self::advance`] drops the whole mapping.
+    next_release: u64,
 }
 
 impl<'a, 'i> Qcow2Writer<'a, 'i> {
@@ -530,6 +533,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
             started: std::time::Instant::now(),
             inflater,
             stats: RefillStats::default(),
+            next_release: crate::qcow2::RELEASE_EVERY,
         }
     }
 
@@ -615,6 +619,12 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
     }
 
     fn advance(&mut self, guest_end: u64) {
+        // The walk reads L2 tables spread over the file, and the kernel maps the pages
+        // around each page read: drop everything mapped now and then, whatever it was.
+        if guest_end >= self.next_release {
+            release(self.map, 0, self.map.len());
+            self.next_release = guest_end + crate::qcow2::RELEASE_EVERY;
+        }
         self.stats.scanned = guest_end;
         self.target
             .volume
@@ -625,8 +635,9 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
 }
 
 /// Drops the mapping's pages of `[start, start + len)` from this process (page-aligned
-/// inside), so a long refill does not accumulate the whole image in its resident set.
-fn release(map: &Mmap, start: usize, len: usize) {
+/// inside), so a long refill does not accumulate the whole image in its resident set. Pages
+/// still needed fault in again from the page cache.
+pub fn release(map: &Mmap, start: usize, len: usize) {
     let page = 4096;
     let first = start.div_ceil(page) * page;
     let end = (start + len).min(map.len()) / page * page;

@@ -1151,3 +1151,65 @@ fn volumectl_events_exits_3_when_the_stream_breaks_off() {
         "{stderr}"
     );
 }
+
+/// Opens an event stream by hand and returns the socket once the status line has arrived.
+fn open_follower(socket: &Path) -> (UnixStream, String) {
+    let mut stream = UnixStream::connect(socket).expect("connect to the socket");
+    stream
+        .write_all(b"GET /v3/events HTTP/1.1\r\nHost: volumed\r\n\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).expect("the status line");
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Idle followers take at most their own share of the connections: past it a new stream
+/// gets 503 at once, requests (and the watchdog's probe) keep answering, and a slot frees
+/// when a follower leaves.
+#[test]
+fn event_followers_are_capped_and_never_lock_requests_out() {
+    let d = Daemon::start();
+    let mut followers: Vec<UnixStream> = (0..volumed::api::MAX_FOLLOWERS)
+        .map(|i| {
+            let (stream, head) = open_follower(&d.socket);
+            assert_eq!(head, "HTTP/1.1 200", "follower {i}");
+            stream
+        })
+        .collect();
+
+    let r = http(&d.socket, "GET", "/v3/events", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    let fault = &r.json()["serviceUnavailable"];
+    assert_eq!(fault["code"], 503, "{}", r.text());
+    assert!(
+        fault["message"].as_str().unwrap().contains("event streams"),
+        "{}",
+        r.text()
+    );
+
+    // Well past the connection limit: every extra client gets its answer.
+    for _ in 0..300 {
+        assert_eq!(http(&d.socket, "GET", "/v3/events", &[], b"").status, 503);
+    }
+    let started = Instant::now();
+    assert_eq!(d.api("GET", "/v3/volumes", None).status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    drop(followers.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_stream, head) = open_follower(&d.socket);
+        if head == "HTTP/1.1 200" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot freed: {head}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -472,14 +472,20 @@ fn rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Re-imaging 256 MiB of compressed clusters (2 MiB zstd and 64 KiB zlib clusters) is exact
-/// and keeps the daemon's peak memory within 64 MiB of its idle size: the inflate workers
-/// hold a bounded set of buffers, and the mapped image is released as it is read.
+/// Uploading and re-imaging 256 MiB of compressed clusters (2 MiB zstd, 64 KiB and 512 B zlib
+/// clusters) is exact and keeps the daemon's peak memory within 64 MiB of its idle size: the
+/// inflate workers hold a bounded set of buffers, and the mapped image is released as it is
+/// read, tables included (with 512 B clusters they are spread over the whole file).
 #[test]
 fn compressed_refill_stays_bounded_in_memory() {
     let work = workdir();
     let raw = work.path().join("base.raw");
-    sparse_raw(&raw, 256 * MIB, &[(0, 256 * MIB)], 21);
+    // Text: every cluster compresses, so the image is all compressed clusters and tables.
+    sh_ok(&format!(
+        "base64 -w 0 < /dev/urandom | head -c {} > {}",
+        256 * MIB,
+        q(&raw)
+    ));
 
     let daemon = Daemon::start();
     daemon.create_volume("vol1", 1);
@@ -489,12 +495,21 @@ fn compressed_refill_stays_bounded_in_memory() {
             "compat=1.1,cluster_size=2M,compression_type=zstd",
         ),
         ("big-zlib-64k.qcow2", "compat=1.1,cluster_size=64k"),
+        ("big-zlib-512.qcow2", "compat=1.1,cluster_size=512"),
     ] {
         let image = work.path().join(name);
         convert_to_qcow2(&raw, &image, options, "-c");
-        let id = upload_qcow2(&daemon, &image, name);
 
         let pid = daemon.pid();
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+        let (idle, _) = rss(pid);
+        let id = upload_qcow2(&daemon, &image, name);
+        let (_, upload_peak) = rss(pid);
+        assert!(
+            upload_peak.saturating_sub(idle) < 64 * MIB,
+            "{name}: upload peak {upload_peak} bytes, idle {idle} bytes"
+        );
+
         std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
         let (idle, _) = rss(pid);
         let r = daemon.reimage("vol1", &id, false);

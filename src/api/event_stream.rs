@@ -29,9 +29,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::http::{Body, StreamBody};
-use super::{shutdown_requested, Context};
+use super::{shutdown_requested, Context, MAX_FOLLOWERS};
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::identity::Caller;
 
@@ -47,16 +47,27 @@ const MESSAGES_AHEAD: usize = 16;
 
 /// Starts following the events for the caller.
 pub async fn follow(ctx: &Context) -> Result<Response<Body>> {
+    let slot = Arc::clone(&ctx.followers)
+        .try_acquire_owned()
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{MAX_FOLLOWERS} event streams are open already, the most volumed serves at \
+                 once; try again when one ends"
+                ),
+            )
+        })?;
+
     // Subscribe before answering: a client that has the response head misses nothing after.
     let events = ctx.engine.events().subscribe();
     let (messages, body) = StreamBody::channel(MESSAGES_AHEAD);
-    tokio::spawn(forward(
-        events,
-        messages,
-        Arc::clone(&ctx.engine),
-        Arc::clone(&ctx.caller),
-        ctx.shutdown.clone(),
-    ));
+    let (engine, caller) = (Arc::clone(&ctx.engine), Arc::clone(&ctx.caller));
+    let shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        forward(events, messages, engine, caller, shutdown).await;
+        drop(slot);
+    });
 
     let mut response = Response::new(Either::Right(body));
     let headers = response.headers_mut();

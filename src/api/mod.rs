@@ -55,6 +55,11 @@ use crate::identity::Caller;
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Event streams open at once. Each holds its connection for as long as it lasts, so they
+/// get a share of [`MAX_CONNECTIONS`] of their own: the rest always serves requests (the
+/// watchdog's probe among them).
+pub const MAX_FOLLOWERS: usize = 64;
+
 /// Time a client has to send a request head, and longest idle time between requests.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -72,6 +77,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let followers = Arc::new(Semaphore::new(MAX_FOLLOWERS));
     let mut connections = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF.0;
 
@@ -114,7 +120,13 @@ pub async fn serve(
             }
         };
 
-        let connection = serve_connection(stream, Arc::clone(&engine), shutdown.clone(), permit);
+        let connection = serve_connection(
+            stream,
+            Arc::clone(&engine),
+            Arc::clone(&followers),
+            shutdown.clone(),
+            permit,
+        );
         connections.spawn(connection);
     }
 
@@ -141,6 +153,8 @@ pub async fn serve(
 struct Context {
     engine: Arc<Engine>,
     caller: Arc<Caller>,
+    /// Slots of event streams ([`MAX_FOLLOWERS`]).
+    followers: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -171,6 +185,7 @@ impl Context {
 async fn serve_connection(
     stream: UnixStream,
     engine: Arc<Engine>,
+    followers: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -197,6 +212,7 @@ async fn serve_connection(
     let context = Arc::new(Context {
         engine,
         caller: Arc::new(caller),
+        followers,
         shutdown: shutdown.clone(),
     });
     let service = service_fn(move |request| {
