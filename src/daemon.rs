@@ -8,7 +8,8 @@
 //! 3. load and repair the state ([`Engine::open`]);
 //! 4. take the socket passed by socket activation, or replace a stale socket, refuse a live
 //!    one, and bind;
-//! 5. detach a stale mount left by a crashed daemon, refuse a live one, and mount;
+//! 5. detach a stale mount left by a crashed daemon, refuse a live one, and mount; resume
+//!    in the background the space reclaims a stop or crash cut short;
 //! 6. probe the mount and the socket from outside, as a client would, and only then tell
 //!    systemd `READY=1`.
 //!
@@ -79,6 +80,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
         }
     };
     tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
+    engine.resume_reclaims();
 
     let served = mount_device(&config.mountpoint)
         .ok_or_else(|| format!("{} is not in the mount table", config.mountpoint.display()))

@@ -1433,6 +1433,43 @@ impl Engine {
     }
 
     /// Registers `engine` so that refill threads can hold it.
+    /// Resumes, in the background, the space reclaims that a stop or a crash cut short: every
+    /// volume whose last re-image succeeded without `space_reclaimed_at` is walked whole
+    /// (punching only what reads as a hole, so data is never touched).
+    pub fn resume_reclaims(self: &Arc<Self>) {
+        let pending: Vec<VolumeRecord> = lock(&self.state)
+            .volumes
+            .values()
+            .filter(|v| {
+                v.reimage.as_ref().is_some_and(|r| {
+                    r.state == ReimageState::Succeeded && r.space_reclaimed_at.is_none()
+                })
+            })
+            .cloned()
+            .collect();
+        for volume in pending {
+            let Some(file) = self.file_by_ino(volume.ino) else {
+                continue;
+            };
+            let started_at = volume
+                .reimage
+                .as_ref()
+                .map(|r| r.started_at.clone())
+                .unwrap_or_default();
+            let engine = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("reclaim-{}", volume.ino))
+                .spawn(move || {
+                    let span = Some((0, file.size()));
+                    engine.reclaim_space(&file, &volume, &started_at, span);
+                });
+            match spawned {
+                Ok(handle) => lock(&self.refills).push(handle),
+                Err(e) => tracing::warn!("cannot resume a space reclaim: {e}"),
+            }
+        }
+    }
+
     pub fn register(engine: &Arc<Self>) {
         *ENGINE.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(engine));
     }

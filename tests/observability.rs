@@ -1213,3 +1213,21 @@ fn event_followers_are_capped_and_never_lock_requests_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `volumectl events --volume` with a volume that does not exist says so at once (a typo
+/// would otherwise show nothing forever), and shows the volume's events once it is created.
+#[test]
+fn volumectl_events_for_an_unknown_volume_warns_and_follows_it() {
+    let d = Daemon::start();
+    let (_follower, out, err) =
+        spawn_volumectl_events(&d, &["events", "--volume", "later"], "later");
+    wait_until(Duration::from_secs(10), "the warning", || {
+        read(&err).contains("no volume later exists now")
+    });
+    wait_for_followers(&d, 1.0);
+
+    d.create_volume("later", 1);
+    wait_until(Duration::from_secs(10), "the volume's first event", || {
+        read(&out).contains("later")
+    });
+}

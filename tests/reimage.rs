@@ -665,6 +665,58 @@ fn destroyed_content_reads_as_zeros_at_once_and_its_blocks_are_given_back_after(
     ));
 }
 
+/// A reclaim that a stop cut short resumes at the next start: blocks that read as zeros are
+/// given back, the image's data stays, and `space_reclaimed_at` is set.
+#[test]
+fn space_reclaim_cut_short_by_a_stop_resumes_at_the_next_start() {
+    require("cmp");
+    require("fallocate");
+    let mut daemon = Daemon::start();
+    let view = daemon.create_volume("vol1", 1);
+    let backing = backing_path(&daemon, &view);
+    let image = daemon.dir.path().join("image");
+    random_file(&image, 4 * MIB as usize, 41);
+    let image_id = daemon.import_image(&image, "image");
+    daemon.reimage_and_wait("vol1", &image_id);
+    daemon.wait_space_reclaimed("vol1");
+    assert!(daemon.stop().success());
+
+    // What a cut-short reclaim leaves: zeroed but allocated blocks (unwritten extents), and
+    // a succeeded re-image without `space_reclaimed_at`.
+    sh_ok(&format!(
+        "fallocate -z -o {} -l {} {}",
+        8 * MIB,
+        512 * MIB,
+        q(&backing)
+    ));
+    let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    assert!(allocated >= 512 * MIB, "{allocated}");
+    let state_file = daemon.state.join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    let id = view["id"].as_str().unwrap();
+    state["volumes"][id]["reimage"]["space_reclaimed_at"] = Value::Null;
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    daemon.spawn_and_wait();
+    let view = daemon.wait_space_reclaimed("vol1");
+    assert_eq!(view["status"], "available", "{view}");
+    let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    assert!(allocated <= 16 * MIB, "{allocated} bytes still allocated");
+    let v = daemon.vol("vol1");
+    sh_ok(&format!(
+        "timeout 60 cmp -n {} {} {}",
+        4 * MIB,
+        q(&v),
+        q(&image)
+    ));
+    sh_ok(&format!(
+        "timeout 60 cmp -i {}:0 -n {} {} /dev/zero",
+        4 * MIB,
+        GIB - 4 * MIB,
+        q(&v)
+    ));
+}
+
 // ----- C3 -----------------------------------------------------------------------------------
 
 /// C3a: an image that shrinks during the refill ends the volume in `error` with a reason; the

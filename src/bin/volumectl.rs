@@ -2026,6 +2026,26 @@ impl<O: Write> App<O> {
 
     /// Prints events as they come; ends (exit 0) when volumed ends the stream.
     async fn follow_events(&mut self, args: EventsArgs) -> Result<(), Failure> {
+        // The filter matches events by id or name on this side. A volume that does not exist
+        // yet may be about to be created, but may as well be a typo that would show nothing
+        // forever: say so, and follow anyway.
+        if let Some(volume) = &args.volume {
+            let task = Task::volume(format!("cannot follow the events of volume {volume}"));
+            let reply = self.call(Method::GET, "/v3/volumes", None, &task).await?;
+            let listed = reply.member("volumes").map_err(|err| task.failed(err))?;
+            let exists = listed.as_array().is_some_and(|volumes| {
+                volumes
+                    .iter()
+                    .any(|v| v["id"] == volume.as_str() || v["name"] == volume.as_str())
+            });
+            if !exists {
+                let _ = writeln!(
+                    self.progress,
+                    "volumectl: no volume {volume} exists now; its events show once it is \
+                     created (check the name with `volumectl list`)"
+                );
+            }
+        }
         let client = self.client.clone();
         let mut stopped_by_output = None;
         let followed = client
