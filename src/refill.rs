@@ -298,8 +298,9 @@ fn write_run(target: &Target<'_>, run: &[u8], offset: u64) -> Result<u64, String
 /// bytes are hashed window by window and compared with the upload's hash; then the image's
 /// mappings are walked in guest order: zero and unallocated runs stay holes, data runs are
 /// written straight from the mapping (zero blocks skipped), and compressed clusters are
-/// inflated on every core by an [`Inflater`] while earlier ones are written in guest order. Pages of the mapping
-/// are released (`MADV_DONTNEED`) as soon as they are used, so memory stays bounded.
+/// inflated on every core by an [`Inflater`] while earlier ones are written in guest order.
+/// Pages of the mapping are released (`MADV_DONTNEED`) as soon as they are used, and all of
+/// it every 16 MiB of guest disk, so memory stays bounded.
 pub fn refill_qcow2(
     volume: &VolumeFile,
     image: &Path,

@@ -552,8 +552,8 @@ impl Drop for Daemon {
             .args([
                 "-c",
                 &format!(
-                    "for d in $(losetup -n -O NAME,BACK-FILE | awk '$2 ~ \"^{mnt}/\" {{print $1}}'); \
-                     do losetup -d $d; done; \
+                    "for d in $(losetup -n -O NAME,BACK-FILE \
+                     | awk '$2 ~ \"^{mnt}/\" {{print $1}}'); do losetup -d $d; done; \
                      while grep -q \" {mnt} \" /proc/self/mountinfo; do umount {mnt} 2>/dev/null \
                      || umount -l {mnt} || break; done"
                 ),
