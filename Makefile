@@ -25,9 +25,9 @@ APT_PACKAGES = e2fsprogs xfsprogs util-linux mount fio curl qemu-utils jq zsh fi
 GEN_DIR ?= target/gen
 VOLUMECTL ?= target/release/volumectl
 
-.PHONY: deps build run test lint install install-files uninstall deb docs-gen gen
+.PHONY: deps deb-tool build run test lint install install-files uninstall deb docs-gen gen
 
-## deps: install what a fresh Debian machine lacks (apt packages, cargo-deb).
+## deps: install the apt packages a fresh Debian machine lacks.
 deps:
 	@missing=""; \
 	for pair in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs xfs_repair:xfsprogs setpriv:util-linux \
@@ -43,6 +43,9 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	@test -e /dev/fuse || modprobe fuse
+
+## deb-tool: cargo-deb, for `make deb` and the package test (a few minutes to build).
+deb-tool:
 	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install --locked cargo-deb
 
 build:
@@ -53,7 +56,7 @@ run: deps build
 	./target/release/volumed --config daemon.toml
 
 ## test: every test (unit and integration, real mounts); needs root and /dev/fuse.
-test: deps
+test: deps deb-tool
 	$(CARGO) test --locked -- --test-threads=2
 
 ## docs-gen: shell completions and manual pages, generated from the command-line definitions:
@@ -124,5 +127,5 @@ uninstall:
 
 ## deb: the Debian package (cargo-deb, see [package.metadata.deb] in Cargo.toml) in
 ## target/debian/, with the debug symbols in a separate -dbgsym package.
-deb: deps docs-gen
+deb: deps deb-tool docs-gen
 	$(CARGO) deb --locked --dbgsym
