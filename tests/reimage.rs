@@ -144,6 +144,16 @@ fn fill_with(chunk: &Path, file: &Path, len: u64) {
     ));
 }
 
+/// Fills the first `len` bytes of `file` (a multiple of 1 MiB) with 0xAA, durably.
+fn fill_aa(file: &Path, len: u64) {
+    sh_ok(&format!(
+        "tr '\\000' '\\252' < /dev/zero | timeout 120 dd of={} bs=1M count={} \
+         iflag=fullblock conv=notrunc,fsync status=none",
+        q(file),
+        len / MIB
+    ));
+}
+
 /// Shorthand for a volume's `reimage` sub-view field.
 fn reimage_field<'a>(view: &'a Value, field: &str) -> &'a Value {
     &view["reimage"][field]
@@ -542,11 +552,7 @@ fn smaller_sparse_image_leaves_no_old_byte_and_keeps_holes() {
     let backing = backing_path(&daemon, &view);
 
     // Fill the whole volume with 0xAA.
-    sh_ok(&format!(
-        "tr '\\000' '\\252' < /dev/zero | timeout 120 dd of={} bs=4M count=256 \
-         iflag=fullblock conv=notrunc,fsync status=none",
-        q(&v)
-    ));
+    fill_aa(&v, 1024 * MIB);
     for offset in [0, 512 * MIB, GIB - 4096] {
         assert!(read_direct(&v, offset, 4096).iter().all(|&b| b == 0xaa));
     }
@@ -618,11 +624,7 @@ fn destroyed_content_reads_as_zeros_at_once_and_its_blocks_are_given_back_after(
     let view = daemon.create_volume("vol1", 1);
     let v = daemon.vol("vol1");
     let backing = backing_path(&daemon, &view);
-    sh_ok(&format!(
-        "tr '\\000' '\\252' < /dev/zero | timeout 120 dd of={} bs=4M count=256 \
-         iflag=fullblock conv=notrunc,fsync status=none",
-        q(&v)
-    ));
+    fill_aa(&v, 1024 * MIB);
 
     let dir = daemon.dir.path();
     let (first, second) = (dir.join("first.img"), dir.join("second.img"));
@@ -818,11 +820,7 @@ fn sigkill_during_refill_restarts_in_error_and_reimage_from_error_succeeds() {
     let mut daemon = Daemon::start_with("refill_rate_limit = 2\nrefill_window_mib = 1");
     daemon.create_volume("vol1", 1);
     let v = daemon.vol("vol1");
-    sh_ok(&format!(
-        "tr '\\000' '\\252' < /dev/zero | timeout 60 dd of={} bs=1M count=128 \
-         iflag=fullblock conv=notrunc,fsync status=none",
-        q(&v)
-    ));
+    fill_aa(&v, 128 * MIB);
 
     let dir = daemon.dir.path().to_path_buf();
     let big = dir.join("big.img");
@@ -1212,11 +1210,7 @@ fn io_during_refill_waits_for_new_content_while_everything_else_answers() {
     let dir = daemon.dir.path().to_path_buf();
 
     // Old content everywhere the test looks; vol2 has data of its own.
-    sh_ok(&format!(
-        "tr '\\000' '\\252' < /dev/zero | timeout 60 dd of={} bs=1M count=128 \
-         iflag=fullblock conv=notrunc,fsync status=none",
-        q(&v1)
-    ));
+    fill_aa(&v1, 128 * MIB);
     let other = dir.join("other");
     random_file(&other, MIB as usize, 81);
     sh_ok(&format!(
@@ -1379,11 +1373,7 @@ fn sigterm_during_refill_exits_cleanly_and_leaves_error() {
     let mut daemon = Daemon::start_with("refill_rate_limit = 1\nrefill_window_mib = 1");
     daemon.create_volume("vol1", 1);
     let v = daemon.vol("vol1");
-    sh_ok(&format!(
-        "tr '\\000' '\\252' < /dev/zero | timeout 60 dd of={} bs=1M count=128 \
-         iflag=fullblock conv=notrunc,fsync status=none",
-        q(&v)
-    ));
+    fill_aa(&v, 128 * MIB);
     let img = daemon.dir.path().join("slow.img");
     random_file(&img, 8 * MIB as usize, 91);
     let image = daemon.import_image(&img, "slow");
