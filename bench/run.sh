@@ -507,7 +507,7 @@ status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 reimage_volumed() {
     local image=$1 image_id=$2 round=$3
     local vol="$VD/mnt/reimage" samples="$WORK/rss.$image.$round" view
-    local started seconds tries=0 out
+    local started seconds out
 
     log "re-image ($image, round $round): filling the volume with old data"
     step fill_old "$vol" "$VOLUME_SIZE"
@@ -520,16 +520,8 @@ reimage_volumed() {
 
     log "re-image ($image, round $round): volumed"
     started=$(now)
-    api_ok POST /v3/volumes/reimage/action \
-        "{\"os-reimage\": {\"image_id\": \"$image_id\", \"reimage_reserved\": false}}" 202 \
-        >/dev/null
-    while :; do
-        out=$(api_ok GET /v3/volumes/reimage "" 200)
-        [[ "$out" == *'"state":"running"'* ]] || break
-        tries=$((tries + 1))
-        [ "$tries" -lt 36000 ] || die "the re-image did not finish within 30 minutes"
-        sleep 0.05
-    done
+    out=$(python3 "$BENCH_SRC/report.py" reimage "$VD/volumed.sock" reimage "$image_id") ||
+        die "the re-image with $image could not be followed"
     seconds=$(since "$started")
     hwm=$(status_kib "$VOLUMED_PID" VmHWM)
     stop_sampler

@@ -721,10 +721,7 @@ impl Engine {
 
         let params = refill::RefillParams {
             image_len: image.size.unwrap_or(0),
-            expected_hash: image
-                .verify_hash
-                .as_deref()
-                .and_then(|h| u128::from_str_radix(h, 16).ok()),
+            expected_hash: image.expected_hash(),
             window: (self.config.refill_window_mib << 20) as usize,
             rate_limit: self.config.refill_rate_limit << 20,
             cancel: &self.stopping,
@@ -1204,6 +1201,7 @@ impl Engine {
             checksum: None,
             os_hash_value: None,
             verify_hash: None,
+            block_hash: None,
             visibility,
             owner_uid: who.uid,
             created_at: now.clone(),
@@ -1261,7 +1259,6 @@ impl Engine {
                 file: Some(SparseWriter::new(file)),
                 md5: Md5::new(),
                 sha512: Sha512::new(),
-                xxh3: refill::new_hasher(),
                 disk_format: self.get_image(who, &id.to_string())?.disk_format,
                 len: 0,
                 head: Vec::new(),
@@ -1654,7 +1651,6 @@ pub struct ImageUpload {
     file: Option<SparseWriter>,
     md5: Md5,
     sha512: Sha512,
-    xxh3: xxhash_rust::xxh3::Xxh3,
     disk_format: String,
     len: u64,
     head: Vec<u8>,
@@ -1683,7 +1679,6 @@ impl ImageUpload {
 
         self.md5.update(chunk);
         self.sha512.update(chunk);
-        self.xxh3.update(chunk);
         if self.head.len() < HEAD_LEN {
             let take = (HEAD_LEN - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..take]);
@@ -1708,7 +1703,8 @@ impl ImageUpload {
             .file
             .take()
             .ok_or_else(|| Error::internal("upload already finished"))?;
-        file.finish()
+        let block_hash = file
+            .finish()
             .map_err(|e| Error::io("cannot make the image durable", &e))?;
 
         let virtual_size = self.check_format()?;
@@ -1720,7 +1716,7 @@ impl ImageUpload {
             .map_err(|e| Error::io("cannot store the image", &e))?;
         let checksum = hex(&std::mem::take(&mut self.md5).finalize());
         let os_hash = hex(&std::mem::take(&mut self.sha512).finalize());
-        let verify_hash = format!("{:032x}", self.xxh3.digest128());
+        let block_hash = format!("{block_hash:032x}");
         let len = self.len;
         let record = engine.update(|state| {
             let image = state
@@ -1732,7 +1728,8 @@ impl ImageUpload {
             image.virtual_size = Some(virtual_size);
             image.checksum = Some(checksum.clone());
             image.os_hash_value = Some(os_hash.clone());
-            image.verify_hash = Some(verify_hash.clone());
+            image.block_hash = Some(block_hash.clone());
+            image.verify_hash = None;
             image.updated_at = timestamp();
             Ok(image.clone())
         })?;

@@ -20,4 +20,5 @@ pub mod refill;
 pub mod service;
 pub mod sigbus;
 pub mod store;
+pub mod verify;
 pub mod volume;

@@ -290,13 +290,37 @@ pub struct ImageRecord {
     #[serde(default)]
     pub os_hash_value: Option<String>,
     /// Hex xxh3-128 of the stored bytes, which a re-image checks what it reads against (a
-    /// hash fast enough not to slow the refill; sha512 stays the published one).
-    #[serde(default)]
+    /// hash fast enough not to slow the refill; sha512 stays the published one). Recorded
+    /// by uploads of older versions only; newer ones record [`Self::block_hash`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_hash: Option<String>,
+    /// Hex block hash of the stored image (see [`crate::verify`]): what a re-image checks
+    /// what it reads against, without reading the image's holes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_hash: Option<String>,
     pub visibility: String,
     pub owner_uid: u32,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl ImageRecord {
+    /// The hash a re-image checks this image's bytes against.
+    pub fn expected_hash(&self) -> crate::verify::Expected {
+        use crate::verify::Expected;
+
+        let parse = |hex: &Option<String>| {
+            hex.as_deref()
+                .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        };
+        if let Some(hash) = parse(&self.block_hash) {
+            Expected::Blocks(hash)
+        } else if let Some(hash) = parse(&self.verify_hash) {
+            Expected::Stream(hash)
+        } else {
+            Expected::None
+        }
+    }
 }
 
 /// Current time in the format Cinder shows (`2026-12-04T17:33:12.000000`).

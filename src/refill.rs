@@ -22,14 +22,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Advice, Mmap, MmapOptions};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::qcow2::{Decompressor, Extent, Mapping, Qcow2Image};
 use crate::sigbus;
+use crate::verify::{Expected, Verifier, BLOCK};
 use crate::volume::{zero_range, VolumeFile};
-
-/// Granularity of hole detection: the block size of the file systems we back volumes on.
-const BLOCK: usize = 4096;
 
 /// What a finished refill did.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -48,9 +45,9 @@ pub struct RefillStats {
 pub struct RefillParams<'a> {
     /// Size in bytes of the stored image file, as uploaded.
     pub image_len: u64,
-    /// The xxh3-128 of the stored bytes taken at upload; the refill checks the bytes it reads
-    /// against it. `None` for images uploaded before hashes were recorded.
-    pub expected_hash: Option<u128>,
+    /// The hash of the stored bytes taken at upload, which the refill checks the bytes it
+    /// reads against.
+    pub expected_hash: Expected,
     /// Mapping size in bytes (a multiple of the page size).
     pub window: usize,
     /// Cap of the rate in bytes per second (0: none).
@@ -81,22 +78,6 @@ pub fn failure_kind(reason: &str) -> &'static str {
     }
 }
 
-/// The xxh3-128 of a whole stream, as [`RefillParams::expected_hash`] expects it.
-pub fn new_hasher() -> Xxh3 {
-    Xxh3::new()
-}
-
-fn check_hash(hasher: &Xxh3, expected: Option<u128>) -> Result<(), String> {
-    match expected {
-        Some(expected) if hasher.digest128() != expected => Err(
-            "the image's bytes differ from the bytes that were uploaded: the stored image is \
-             corrupt"
-                .to_string(),
-        ),
-        _ => Ok(()),
-    }
-}
-
 /// Discards `volume` and fills it with the raw image at `image`.
 ///
 /// Progress is published in `volume.refill_done`.
@@ -123,37 +104,36 @@ pub fn refill_raw(
 
     let target = Target::new(volume);
 
-    // Holes of a sparse image cost nothing: SEEK_DATA skips them (the hash takes their zeros
-    // from memory), so the time follows the image's data, not its size.
+    // Holes of a sparse image cost nothing: SEEK_DATA skips them, and the block hash has
+    // nothing to add for them, so the time follows the image's data, not its size.
     let mut stats = RefillStats::default();
-    let mut hasher = new_hasher();
+    let mut verifier = Verifier::new(params.expected_hash);
     let mut offset = 0u64;
     let started = std::time::Instant::now();
-    while offset < image_len {
+    let mut windows = DataWindows::new(&source, image_len, window).peekable();
+    while let Some(next) = windows.next() {
         check_cancel(cancel)?;
-        let data = seek(&source, offset, libc::SEEK_DATA)?.unwrap_or(image_len);
-        let data = (data / PAGE * PAGE).clamp(offset, image_len);
-        hash_zeros(&mut hasher, data - offset);
+        let (data, len) = next?;
+        verifier.hole(data - offset);
         target.zero(offset, data - offset)?;
-        offset = data;
-        if offset == image_len {
-            break;
-        }
 
-        let hole = seek(&source, offset, libc::SEEK_HOLE)?.unwrap_or(image_len);
-        let len = (hole.min(image_len) - offset).clamp(1, window as u64) as usize;
-        prefetch(&source, offset + len as u64, window);
-        stats.written += refill_window(&target, &source, offset, len, &mut hasher)?;
+        // The disk reads the next window while this one is written.
+        if let Some(Ok((ahead, ahead_len))) = windows.peek() {
+            prefetch(&source, *ahead, *ahead_len);
+        }
+        stats.written += refill_window(&target, &source, data, len, &mut verifier)?;
         check_image_len(&source, image_len)?;
 
-        offset += len as u64;
+        offset = data + len as u64;
         stats.scanned = offset;
         volume.refill_done.store(offset, Ordering::Release);
         pace(started, offset, rate_limit);
     }
+    verifier.hole(image_len - offset);
+    target.zero(offset, image_len - offset)?;
     stats.scanned = image_len;
     volume.refill_done.store(image_len, Ordering::Release);
-    check_hash(&hasher, params.expected_hash)?;
+    verifier.check(image_len)?;
 
     target.zero(image_len, volume.size() - image_len)?;
     target.sync()?;
@@ -163,19 +143,64 @@ pub fn refill_raw(
 
 const PAGE: u64 = 4096;
 
+/// The data of an image file in windows `(offset, len)` of at most `window` bytes (a multiple
+/// of the page size), in file order, skipping its holes.
+struct DataWindows<'f> {
+    source: &'f File,
+    offset: u64,
+    len: u64,
+    window: u64,
+}
+
+impl<'f> DataWindows<'f> {
+    fn new(source: &'f File, len: u64, window: usize) -> Self {
+        Self {
+            source,
+            offset: 0,
+            len,
+            window: window as u64,
+        }
+    }
+
+    /// Windows start and end on page boundaries (but for the file's end) whatever the file
+    /// system's block size, since the block hash cuts blocks from each window's start.
+    fn find_next(&mut self) -> Result<Option<(u64, usize)>, String> {
+        let found = seek(self.source, self.offset, libc::SEEK_DATA)?.unwrap_or(self.len);
+        if found >= self.len {
+            self.offset = self.len;
+            return Ok(None);
+        }
+        // `self.offset` is page-aligned, so `data` is too.
+        let data = (found / PAGE * PAGE).max(self.offset);
+        let hole = seek(self.source, found, libc::SEEK_HOLE)?.unwrap_or(self.len);
+        let end = hole
+            .div_ceil(PAGE)
+            .saturating_mul(PAGE)
+            .clamp(data + PAGE, data + self.window)
+            .min(self.len);
+        self.offset = end;
+        Ok(Some((data, (end - data) as usize)))
+    }
+}
+
+impl Iterator for DataWindows<'_> {
+    type Item = Result<(u64, usize), String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.offset >= self.len {
+            return None;
+        }
+        let found = self.find_next();
+        if found.is_err() {
+            self.offset = self.len;
+        }
+        found.transpose()
+    }
+}
+
 fn seek(source: &File, offset: u64, whence: i32) -> Result<Option<u64>, String> {
     crate::volume::seek(source, offset, whence)
         .map_err(|e| format!("cannot find the image's data: {e}"))
-}
-
-/// Feeds `len` zero bytes to `hasher` without touching the image.
-fn hash_zeros(hasher: &mut Xxh3, mut len: u64) {
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        len -= n as u64;
-    }
 }
 
 /// Starts reading the next window from disk while the current one is written.
@@ -205,7 +230,7 @@ fn refill_window(
     source: &File,
     offset: u64,
     len: usize,
-    hasher: &mut Xxh3,
+    verifier: &mut Verifier,
 ) -> Result<u64, String> {
     // SAFETY: the mapping is read-only and private to this function. The file may shrink
     // under it; the SIGBUS guard registered below absorbs faults on vanished pages.
@@ -216,7 +241,7 @@ fn refill_window(
     let guard = sigbus::Guard::register(map.as_ptr(), map.len())
         .ok_or_else(|| "too many refills running at once".to_string())?;
 
-    hasher.update(&map);
+    verifier.data(offset, &map);
     let written = write_nonzero_runs(target, &map, offset)?;
 
     if guard.faulted() {
@@ -294,13 +319,14 @@ fn write_run(target: &Target<'_>, run: &[u8], offset: u64) -> Result<u64, String
 
 /// Discards `volume` and fills it with the guest disk of the qcow2 image at `image`.
 ///
-/// The whole file is mapped (address space only) under one SIGBUS guard. First the stored
-/// bytes are hashed window by window and compared with the upload's hash; then the image's
-/// mappings are walked in guest order: zero and unallocated runs stay holes, data runs are
-/// written straight from the mapping (zero blocks skipped), and compressed clusters are
-/// inflated on every core by an [`Inflater`] while earlier ones are written in guest order.
-/// Pages of the mapping are released (`MADV_DONTNEED`) as soon as they are used, and all of
-/// it every 16 MiB of guest disk, so memory stays bounded.
+/// The whole file is mapped (address space only) under one SIGBUS guard. One thread hashes
+/// the stored bytes in file order (see [`verify_mapped`]) while this one walks the image's
+/// mappings in guest order: zero and unallocated runs stay holes, data runs are written
+/// straight from the mapping (zero blocks skipped), and compressed clusters are inflated on
+/// every core by an [`Inflater`] while earlier ones are written. The hash
+/// decides before the volume is made durable; its reading ahead also brings the image into
+/// the page cache for the walk. Pages of the mapping are released (`MADV_DONTNEED`) as soon
+/// as they are used, and all of it every 16 MiB of guest disk, so memory stays bounded.
 pub fn refill_qcow2(
     volume: &VolumeFile,
     image: &Path,
@@ -317,17 +343,87 @@ pub fn refill_qcow2(
     let map = unsafe { Mmap::map(&source) }.map_err(|e| format!("cannot map the image: {e}"))?;
     let guard = sigbus::Guard::register(map.as_ptr(), map.len())
         .ok_or_else(|| "too many refills running at once".to_string())?;
-    let shrank = || "the image became unreadable: it shrank during the refill".to_string();
 
-    let mut hasher = new_hasher();
-    for start in (0..map.len()).step_by(params.window) {
-        let end = (start + params.window).min(map.len());
-        hasher.update(&map[start..end]);
-        release(&map, start, end - start);
+    // A walk that fails stops the hash too: its reason stands, and a large image is not read
+    // to its end for nothing.
+    let walk_failed = AtomicBool::new(false);
+    let (verified, written) = std::thread::scope(|scope| {
+        let verifying = scope.spawn(|| verify_mapped(&source, &map, &params, &walk_failed));
+        let written = write_qcow2(volume, &map, &guard, &params);
+        walk_failed.store(written.is_err(), Ordering::Release);
+        let verified = verifying
+            .join()
+            .unwrap_or_else(|_| Err("checking the image's hash panicked".to_string()));
+        (verified, written)
+    });
+
+    // The most telling reason first: a changed file explains a wrong hash, and a wrong hash
+    // found before the walk failed explains the failure.
+    check_image_len(&source, params.image_len)?;
+    if guard.faulted() {
+        return Err(shrank());
     }
-    check_hash(&hasher, params.expected_hash)?;
+    let (target, stats) = match (verified, written) {
+        (Err(mismatch), _) if !walk_failed.load(Ordering::Acquire) => return Err(mismatch),
+        (_, written) => written?,
+    };
+    target.sync()?;
+    Ok(RefillStats {
+        zeroed: target.zeroed.get(),
+        ..stats
+    })
+}
 
-    let qcow2 = Qcow2Image::parse_releasing(&map, &|| release(&map, 0, map.len()))
+fn shrank() -> String {
+    "the image became unreadable: it shrank during the refill".to_string()
+}
+
+/// Hashes the mapped image `map` of `source` in file order, skipping its holes. Gives up
+/// early when `abandon` is set.
+fn verify_mapped(
+    source: &File,
+    map: &Mmap,
+    params: &RefillParams<'_>,
+    abandon: &AtomicBool,
+) -> Result<(), String> {
+    let mut verifier = Verifier::new(params.expected_hash);
+    if params.expected_hash == Expected::None {
+        return Ok(());
+    }
+
+    let len = map.len() as u64;
+    let mut offset = 0u64;
+    let mut windows = DataWindows::new(source, len, params.window).peekable();
+    while let Some(next) = windows.next() {
+        check_cancel(params.cancel)?;
+        if abandon.load(Ordering::Acquire) {
+            return Err("the hash was abandoned".to_string());
+        }
+        let (data, window_len) = next?;
+        verifier.hole(data - offset);
+
+        if let Some(Ok((ahead, ahead_len))) = windows.peek() {
+            prefetch(source, *ahead, *ahead_len);
+        }
+        let start = data as usize;
+        verifier.data(data, &map[start..start + window_len]);
+        release(map, start, window_len);
+        offset = data + window_len as u64;
+    }
+    verifier.hole(len - offset);
+    verifier.check(len)
+}
+
+/// The walk of [`refill_qcow2`]: parses the image and writes its guest disk to the volume,
+/// short of making it durable.
+fn write_qcow2<'v>(
+    volume: &'v VolumeFile,
+    map: &Mmap,
+    guard: &sigbus::Guard,
+    params: &RefillParams<'_>,
+) -> Result<(Target<'v>, RefillStats), String> {
+    let params = *params;
+    let qcow2 = Qcow2Image::parse_releasing(map, &|| release(map, 0, map.len()))
         .map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
     if guard.faulted() {
         return Err(shrank());
@@ -342,7 +438,7 @@ pub fn refill_qcow2(
     let target = Target::new(volume);
     let stats = std::thread::scope(|scope| {
         let inflater = Inflater::start(scope, &qcow2);
-        let mut writer = Qcow2Writer::new(&target, &qcow2, &map, params, inflater);
+        let mut writer = Qcow2Writer::new(&target, &qcow2, map, params, inflater);
         for mapping in qcow2.mappings() {
             let mapping = mapping.map_err(|e| format!("the qcow2 image is invalid: {e}"))?;
             writer.add(mapping)?;
@@ -350,21 +446,12 @@ pub fn refill_qcow2(
                 return Err(shrank());
             }
         }
-        writer.write_inflated(true)?;
+        writer.write_inflated()?;
         Ok(writer.stats)
         // Dropping the writer closes the job queue; the scope then joins the workers.
     })?;
     target.zero(qcow2.virtual_size(), volume.size() - qcow2.virtual_size())?;
-    check_image_len(&source, params.image_len)?;
-    if guard.faulted() {
-        return Err(shrank());
-    }
-
-    target.sync()?;
-    Ok(RefillStats {
-        zeroed: target.zeroed.get(),
-        ..stats
-    })
+    Ok((target, stats))
 }
 
 /// Bytes of inflated clusters in flight: bounds memory whatever the cluster size.
@@ -372,30 +459,62 @@ const INFLATE_BYTES_IN_FLIGHT: u64 = 16 << 20;
 
 /// A compressed cluster on its way through the inflater, and then its inflated bytes.
 struct InflateJob {
-    /// Position in guest order; results are written in this order.
+    /// Position in guest order.
     seq: u64,
     mapping: Mapping,
-    buffer: Vec<u8>,
+    buffer: ClusterBuffer,
     result: Result<(), String>,
+    /// Whether the inflated cluster has an all-zero block, found by the worker while the
+    /// bytes are still in its cache.
+    has_zero_block: bool,
+}
+
+/// A buffer of one cluster. Clusters of a page or more start on a page boundary, so runs of
+/// them can go to the volume in one direct write.
+struct ClusterBuffer {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl ClusterBuffer {
+    fn new(len: usize) -> Self {
+        let page = PAGE as usize;
+        let pad = if len >= page { page } else { 0 };
+        let bytes = vec![0; len + pad];
+        let start = bytes.as_ptr().align_offset(page).min(pad);
+        Self { bytes, start, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
 }
 
 /// Worker threads that inflate compressed clusters, one per core, fed through bounded
 /// crossbeam channels.
 ///
-/// The walk hands clusters out in guest order and gets them back in any order; it writes
-/// them in guest order while the workers inflate the next ones, so inflation on every core
-/// overlaps the writes. A fixed set of cluster buffers circulates between the two sides,
-/// which bounds memory to [`INFLATE_BYTES_IN_FLIGHT`] (or two buffers per worker for
+/// The walk hands clusters out in guest order and gets them back in any order. It writes
+/// them as they come back, the first in guest order first, while the workers inflate the
+/// next ones, so inflation on every core overlaps the writes. Nothing waits for one late
+/// cluster (a worker descheduled in the middle of it, say): the others are written and
+/// their buffers go back to work. A fixed set of cluster buffers circulates between the two
+/// sides, which bounds memory to [`INFLATE_BYTES_IN_FLIGHT`] (or two buffers per worker for
 /// the largest clusters).
 struct Inflater {
     jobs: crossbeam_channel::Sender<InflateJob>,
     done: crossbeam_channel::Receiver<InflateJob>,
     /// Buffers not in flight.
-    free: Vec<Vec<u8>>,
-    /// Inflated clusters that arrived ahead of their turn.
+    free: Vec<ClusterBuffer>,
+    /// Inflated clusters that came back and are not written yet, by position in guest order.
     arrived: std::collections::BTreeMap<u64, InflateJob>,
     next_seq: u64,
-    next_to_write: u64,
+    /// Clusters submitted and not yet handed back by [`Self::next_inflated`].
+    outstanding: usize,
 }
 
 impl Inflater {
@@ -421,9 +540,11 @@ impl Inflater {
                         image.decompress_cluster_with(
                             &mut decompressor,
                             &job.mapping,
-                            &mut job.buffer,
+                            job.buffer.as_mut_slice(),
                         )
                     }));
+                    let len = job.mapping.len as usize;
+                    job.has_zero_block = job.buffer.as_slice()[..len].chunks(BLOCK).any(is_zero);
                     job.result = match inflated {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(format!("the qcow2 image is invalid: {e}")),
@@ -439,15 +560,17 @@ impl Inflater {
         Self {
             jobs,
             done,
-            free: (0..slots).map(|_| vec![0; cluster as usize]).collect(),
+            free: (0..slots)
+                .map(|_| ClusterBuffer::new(cluster as usize))
+                .collect(),
             arrived: std::collections::BTreeMap::new(),
             next_seq: 0,
-            next_to_write: 0,
+            outstanding: 0,
         }
     }
 
     fn in_flight(&self) -> bool {
-        self.next_to_write < self.next_seq
+        self.outstanding > 0
     }
 
     /// Whether a buffer is free for another cluster.
@@ -463,44 +586,36 @@ impl Inflater {
             mapping,
             buffer,
             result: Ok(()),
+            has_zero_block: false,
         };
         self.next_seq += 1;
+        self.outstanding += 1;
         self.jobs
             .send(job)
             .map_err(|_| "the inflate workers stopped".to_string())
     }
 
-    /// The next cluster in guest order, waiting for it; `None` when nothing is in flight.
-    fn next_in_order(&mut self) -> Result<Option<InflateJob>, String> {
-        if !self.in_flight() {
-            return Ok(None);
+    /// The first in guest order of the inflated clusters that came back; with `wait`, waits
+    /// for one if none did. `None` when there is none (with `wait`: nothing is in flight).
+    fn next_inflated(&mut self, wait: bool) -> Result<Option<InflateJob>, String> {
+        while let Ok(job) = self.done.try_recv() {
+            self.arrived.insert(job.seq, job);
         }
-        while !self.arrived.contains_key(&self.next_to_write) {
+        if self.arrived.is_empty() && wait && self.in_flight() {
             let job = self
                 .done
                 .recv()
                 .map_err(|_| "the inflate workers stopped".to_string())?;
             self.arrived.insert(job.seq, job);
         }
-        let job = self
-            .arrived
-            .remove(&self.next_to_write)
-            .expect("just checked");
-        self.next_to_write += 1;
-        Ok(Some(job))
-    }
-
-    /// The next cluster in guest order if it has already arrived.
-    fn try_next_in_order(&mut self) -> Option<InflateJob> {
-        while let Ok(job) = self.done.try_recv() {
-            self.arrived.insert(job.seq, job);
+        let job = self.arrived.pop_first().map(|(_, job)| job);
+        if job.is_some() {
+            self.outstanding -= 1;
         }
-        let job = self.arrived.remove(&self.next_to_write)?;
-        self.next_to_write += 1;
-        Some(job)
+        Ok(job)
     }
 
-    fn recycle(&mut self, buffer: Vec<u8>) {
+    fn recycle(&mut self, buffer: ClusterBuffer) {
         self.free.push(buffer);
     }
 }
@@ -516,7 +631,14 @@ struct Qcow2Writer<'a, 'i> {
     stats: RefillStats,
     /// Guest offset past which [`Self::advance`] drops the whole mapping.
     next_release: u64,
+    /// Inflated clusters without zero blocks, following each other in the guest, that wait
+    /// to be written in one direct write.
+    batch: Vec<InflateJob>,
+    batch_bytes: usize,
 }
+
+/// Bytes of inflated clusters gathered into one write.
+const BATCH_BYTES: usize = 4 << 20;
 
 impl<'a, 'i> Qcow2Writer<'a, 'i> {
     fn new(
@@ -535,6 +657,8 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
             inflater,
             stats: RefillStats::default(),
             next_release: crate::qcow2::RELEASE_EVERY,
+            batch: Vec::new(),
+            batch_bytes: 0,
         }
     }
 
@@ -542,23 +666,23 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         check_cancel(self.params.cancel)?;
         match mapping.extent {
             Extent::Zero => {
-                self.write_inflated(true)?;
+                self.write_inflated()?;
                 self.target.zero(mapping.guest_offset, mapping.len)?;
                 self.advance(mapping.guest_offset + mapping.len);
             }
             Extent::Data { host_offset } => {
-                self.write_inflated(true)?;
+                self.write_inflated()?;
                 self.write_data(&mapping, host_offset)?;
             }
             Extent::Compressed { .. } => {
-                // Write what is ready first; wait only when every buffer is in flight.
-                self.write_inflated(false)?;
+                // Keep the workers' queue full: write only when every buffer is taken, so
+                // they inflate while this thread waits on the disk.
                 while !self.inflater.has_room() {
-                    let job = self
-                        .inflater
-                        .next_in_order()?
-                        .expect("buffers are in flight");
-                    self.write_cluster(job)?;
+                    match self.inflater.next_inflated(true)? {
+                        Some(job) => self.write_cluster(job)?,
+                        // Every free buffer waits in the batch.
+                        None => self.write_batch()?,
+                    }
                 }
                 self.inflater.submit(mapping)?;
             }
@@ -584,28 +708,21 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         Ok(())
     }
 
-    /// Writes inflated clusters in guest order: those already inflated, or with `all`,
-    /// every one in flight (before a run that is not compressed, and at the end).
-    fn write_inflated(&mut self, all: bool) -> Result<(), String> {
-        loop {
-            let job = if all {
-                self.inflater.next_in_order()?
-            } else {
-                self.inflater.try_next_in_order()
-            };
-            match job {
-                Some(job) => self.write_cluster(job)?,
-                None => return Ok(()),
-            }
+    /// Writes every inflated cluster in flight and the batch: before a run that is not
+    /// compressed, and at the end.
+    fn write_inflated(&mut self) -> Result<(), String> {
+        while let Some(job) = self.inflater.next_inflated(true)? {
+            self.write_cluster(job)?;
         }
+        self.write_batch()
     }
 
+    /// Adds an inflated cluster to the batch, or writes it alone if it has zero blocks
+    /// (those are destroyed rather than written) or cannot be written directly.
     fn write_cluster(&mut self, job: InflateJob) -> Result<(), String> {
-        job.result?;
+        job.result.as_ref().map_err(Clone::clone)?;
         let mapping = &job.mapping;
-        let len = mapping.len as usize;
-        self.stats.written +=
-            write_nonzero_runs(self.target, &job.buffer[..len], mapping.guest_offset)?;
+        let bytes = &job.buffer.as_slice()[..mapping.len as usize];
         if let Extent::Compressed {
             host_offset,
             compressed_len,
@@ -614,8 +731,53 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
         {
             release(self.map, host_offset as usize, compressed_len as usize);
         }
-        self.advance(mapping.guest_offset + mapping.len);
-        self.inflater.recycle(job.buffer);
+
+        let follows = match self.batch.last() {
+            Some(last) => last.mapping.guest_offset + last.mapping.len == mapping.guest_offset,
+            None => true,
+        };
+        let whole = !job.has_zero_block && Target::is_direct(bytes, mapping.guest_offset);
+        if !follows || !whole {
+            self.write_batch()?;
+        }
+        if !whole {
+            self.stats.written += write_nonzero_runs(self.target, bytes, mapping.guest_offset)?;
+            self.advance(mapping.guest_offset + mapping.len);
+            self.inflater.recycle(job.buffer);
+            return Ok(());
+        }
+
+        self.batch_bytes += bytes.len();
+        self.batch.push(job);
+        if self.batch_bytes >= BATCH_BYTES {
+            self.write_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch of inflated clusters with one vectored write.
+    fn write_batch(&mut self) -> Result<(), String> {
+        let Some(first) = self.batch.first() else {
+            return Ok(());
+        };
+        let offset = first.mapping.guest_offset;
+        let runs: Vec<&[u8]> = self
+            .batch
+            .iter()
+            .map(|job| &job.buffer.as_slice()[..job.mapping.len as usize])
+            .collect();
+        self.target.flush_zero()?;
+        self.target
+            .write_vectored(&runs, offset)
+            .map_err(|e| format!("cannot write the volume at offset {offset}: {e}"))?;
+
+        self.stats.written += self.batch_bytes as u64;
+        let end = offset + self.batch_bytes as u64;
+        self.batch_bytes = 0;
+        for job in std::mem::take(&mut self.batch) {
+            self.inflater.recycle(job.buffer);
+        }
+        self.advance(end);
         Ok(())
     }
 
@@ -626,12 +788,14 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
             release(self.map, 0, self.map.len());
             self.next_release = guest_end + crate::qcow2::RELEASE_EVERY;
         }
-        self.stats.scanned = guest_end;
+        // Inflated clusters may be written a little out of order: progress never goes back.
+        let done = self.stats.scanned.max(guest_end);
+        self.stats.scanned = done;
         self.target
             .volume
             .refill_done
-            .store(guest_end, Ordering::Release);
-        pace(self.started, guest_end, self.params.rate_limit);
+            .store(done, Ordering::Release);
+        pace(self.started, done, self.params.rate_limit);
     }
 }
 
@@ -695,15 +859,57 @@ impl<'a> Target<'a> {
         }
     }
 
+    /// Whether `run` can be written at `offset` through an `O_DIRECT` descriptor.
+    fn is_direct(run: &[u8], offset: u64) -> bool {
+        const ALIGN: usize = PAGE as usize;
+        run.as_ptr() as usize % ALIGN == 0 && run.len() % ALIGN == 0 && offset % PAGE == 0
+    }
+
     fn write(&self, run: &[u8], offset: u64) -> std::io::Result<()> {
-        const ALIGN: usize = 4096;
-        let aligned = run.as_ptr() as usize % ALIGN == 0
-            && run.len() % ALIGN == 0
-            && offset % ALIGN as u64 == 0;
         match &self.direct {
-            Some(direct) if aligned => direct.write_all_at(run, offset),
+            Some(direct) if Self::is_direct(run, offset) => direct.write_all_at(run, offset),
             _ => self.volume.backing().write_all_at(run, offset),
         }
+    }
+
+    /// Writes `runs` one after the other from `offset`, in one call when it can; every run
+    /// must pass [`Self::is_direct`].
+    fn write_vectored(&self, runs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+
+        let file = self.direct.as_ref().unwrap_or(self.volume.backing());
+        let iovecs: Vec<libc::iovec> = runs
+            .iter()
+            .map(|run| libc::iovec {
+                iov_base: run.as_ptr() as *mut libc::c_void,
+                iov_len: run.len(),
+            })
+            .collect();
+        let count = iovecs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the iovecs describe live slices borrowed for the length of the call, and
+        // pwritev only reads from them.
+        let written =
+            unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), count, offset as i64) };
+        let mut written = match usize::try_from(written) {
+            Ok(written) => written,
+            // Interrupted before anything was written: the runs go one by one below.
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
+                0
+            }
+            Err(_) => return Err(std::io::Error::last_os_error()),
+        };
+
+        // What a short write (or the iovec limit) left over goes run by run.
+        let mut at = offset;
+        for run in runs {
+            let done = written.min(run.len());
+            written -= done;
+            if done < run.len() {
+                self.write(&run[done..], at + done as u64)?;
+            }
+            at += run.len() as u64;
+        }
+        Ok(())
     }
 
     /// Destroys `[offset, offset + len)`; adjacent ranges are zeroed in one call.
@@ -746,13 +952,18 @@ impl<'a> Target<'a> {
 }
 
 /// Whether every byte of `block` is zero.
+///
+/// Words are or-ed 256 bytes at a time, which the compiler vectorizes, and the scan stops at
+/// the first piece that is not zero: a block of data costs a few words, not the whole block.
 pub fn is_zero(block: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u128, and align_to only reinterprets the aligned
     // middle of the slice.
     let (head, middle, tail) = unsafe { block.align_to::<u128>() };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && middle.iter().fold(0u128, |acc, &word| acc | word) == 0
+        && middle
+            .chunks(16)
+            .all(|words| words.iter().fold(0u128, |acc, &word| acc | word) == 0)
 }
 
 #[cfg(test)]
@@ -854,7 +1065,7 @@ mod tests {
     fn params(image_len: u64, window: usize, cancel: &AtomicBool) -> RefillParams<'_> {
         RefillParams {
             image_len,
-            expected_hash: None,
+            expected_hash: Expected::None,
             window,
             rate_limit: 0,
             cancel,
@@ -865,13 +1076,13 @@ mod tests {
     fn corrupt_image_is_refused() {
         let (_dir, vol, path) = setup(8192, &[3u8; 4096]);
         let mut p = params(4096, 4096, &NO_CANCEL);
-        p.expected_hash = Some(12345);
+        p.expected_hash = Expected::Blocks(12345);
         let err = refill_raw(&vol, &path, p).unwrap_err();
         assert!(err.contains("corrupt"), "{err}");
 
-        let mut hasher = new_hasher();
-        hasher.update(&[3u8; 4096]);
-        p.expected_hash = Some(hasher.digest128());
+        let mut xxh3 = xxhash_rust::xxh3::Xxh3::new();
+        crate::verify::block_hash_update(&mut xxh3, 0, &[3u8; 4096]);
+        p.expected_hash = Expected::Blocks(crate::verify::block_hash_digest(&xxh3, 4096));
         refill_raw(&vol, &path, p).unwrap();
     }
 

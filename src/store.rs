@@ -231,18 +231,21 @@ impl Store {
 /// how the stream is chunked does not change what is allocated.
 pub struct SparseWriter {
     file: File,
+    /// The block hash of everything written (see [`crate::verify`]).
+    block_hash: xxhash_rust::xxh3::Xxh3,
     /// Bytes of the stream before `partial`; always a multiple of [`SPARSE_BLOCK`].
     offset: u64,
     partial: Vec<u8>,
 }
 
-/// The unit of hole detection in stored images: the file systems' block size.
-const SPARSE_BLOCK: usize = 4096;
+/// The unit of hole detection in stored images: the block of the block hash.
+const SPARSE_BLOCK: usize = crate::verify::BLOCK;
 
 impl SparseWriter {
     pub fn new(file: File) -> Self {
         SparseWriter {
             file,
+            block_hash: xxhash_rust::xxh3::Xxh3::new(),
             offset: 0,
             partial: Vec::with_capacity(SPARSE_BLOCK),
         }
@@ -270,27 +273,35 @@ impl SparseWriter {
     }
 
     /// Writes the last partial block, sets the length (trailing zeros become a hole) and
-    /// makes the file durable.
-    pub fn finish(mut self) -> io::Result<()> {
+    /// makes the file durable. Returns the stream's block hash.
+    pub fn finish(mut self) -> io::Result<u128> {
         let partial = std::mem::take(&mut self.partial);
         self.write_blocks(&partial)?;
         self.file.set_len(self.offset)?;
-        self.file.sync_all()
+        self.file.sync_all()?;
+        Ok(crate::verify::block_hash_digest(
+            &self.block_hash,
+            self.offset,
+        ))
     }
 
     /// Writes whole blocks (or the stream's last bytes) at `offset`, skipping zero blocks
-    /// and coalescing the others into one write per run.
+    /// and coalescing the others into one write per run; hashes the others.
     fn write_blocks(&mut self, blocks: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
 
         let mut run_start = 0;
         for (i, block) in blocks.chunks(SPARSE_BLOCK).enumerate() {
+            let at = i * SPARSE_BLOCK;
             if crate::refill::is_zero(block) {
-                let at = i * SPARSE_BLOCK;
                 let run = &blocks[run_start..at];
                 self.file
                     .write_all_at(run, self.offset + run_start as u64)?;
                 run_start = at + block.len();
+            } else {
+                let offset = self.offset + at as u64;
+                self.block_hash.update(&offset.to_le_bytes());
+                self.block_hash.update(block);
             }
         }
         let run = &blocks[run_start..];
@@ -324,16 +335,20 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// Streams arrive in chunks of any size; zero blocks become holes, the content stays exact.
+    /// Streams arrive in chunks of any size; zero blocks become holes, the content stays exact,
+    /// and the block hash is the one of the whole content.
     #[test]
     fn sparse_writer_leaves_holes_whatever_the_chunking() {
         use std::os::unix::fs::MetadataExt;
 
-        let mut image = vec![0u8; 6 << 20];
+        let mut image = vec![0u8; (6 << 20) + 10];
         image[..100].fill(7);
         image[(3 << 20) + 5000..(3 << 20) + 9000].fill(9);
-        image[(6 << 20) - 1] = 1;
+        image[(6 << 20) + 9] = 1;
         let dir = tempfile::tempdir().unwrap();
+        let mut whole = xxhash_rust::xxh3::Xxh3::new();
+        crate::verify::block_hash_update(&mut whole, 0, &image);
+        let expected = crate::verify::block_hash_digest(&whole, image.len() as u64);
 
         for chunk_len in [1000, 4096, 12_345, 1 << 20] {
             let path = dir.path().join(format!("image-{chunk_len}"));
@@ -341,7 +356,7 @@ mod tests {
             for chunk in image.chunks(chunk_len) {
                 writer.write(chunk).unwrap();
             }
-            writer.finish().unwrap();
+            assert_eq!(writer.finish().unwrap(), expected, "chunks of {chunk_len}");
 
             assert_eq!(fs::read(&path).unwrap(), image, "chunks of {chunk_len}");
             let allocated = fs::metadata(&path).unwrap().blocks() * 512;

@@ -1285,6 +1285,71 @@ fn flipped_byte_in_stored_image_fails_the_reimage_as_corrupt() {
     }
 }
 
+/// The refill reads only the data of a stored sparse image, but what it checks covers the
+/// holes too: data written into a hole, or a data block punched out, fails the re-image as
+/// corrupt. An image recorded by an older volumed, with a hash of every byte instead of the
+/// block hash, is still checked, holes included.
+#[test]
+fn changed_holes_of_a_stored_sparse_image_fail_the_reimage_as_corrupt() {
+    let work = workdir();
+    let mut daemon = Daemon::start();
+    daemon.create_volume("vol1", 1);
+    let raw = work.path().join("sparse.raw");
+    sparse_raw(&raw, 32 * MIB, &[(MIB, 2 * MIB), (20 * MIB, MIB)], 21);
+    let upload = |name: &str| {
+        let id = daemon.import_image(&raw, name);
+        let view = image_view(&daemon, &id);
+        assert_eq!(view["status"], "active", "{view}");
+        id
+    };
+
+    let filled_hole = upload("filled-hole");
+    sh_ok(&format!(
+        "printf 'x' | dd of={} bs=1 seek={} conv=notrunc status=none",
+        q(&stored_image(&daemon, &filled_hole)),
+        10 * MIB + 5
+    ));
+    assert_reimage_fails(&daemon, &filled_hole, "corrupt");
+
+    let punched = upload("punched");
+    sh_ok(&format!(
+        "fallocate -p -o {} -l 4096 {}",
+        MIB + 8192,
+        q(&stored_image(&daemon, &punched))
+    ));
+    assert_reimage_fails(&daemon, &punched, "corrupt");
+
+    // An older volumed recorded `verify_hash`, the xxh3-128 of every byte, and no block hash.
+    let legacy = upload("legacy");
+    let mut xxh3 = xxhash_rust::xxh3::Xxh3::new();
+    xxh3.update(&std::fs::read(&raw).unwrap());
+    daemon.stop();
+    let state_file = daemon.state.join("state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    let record = &mut state["images"][legacy.as_str()];
+    assert!(record["block_hash"].is_string(), "{record}");
+    record.as_object_mut().unwrap().remove("block_hash");
+    record["verify_hash"] = json!(format!("{:032x}", xxh3.digest128()));
+    std::fs::write(&state_file, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    daemon.spawn_and_wait();
+
+    fill_volume(&daemon, "vol1", 0xAA);
+    let after = daemon.reimage_and_wait("vol1", &legacy);
+    assert_eq!(after["reimage"]["state"], "succeeded", "{after}");
+    assert_volume_is(
+        &daemon,
+        "vol1",
+        Expect::ImageThenZeros(&raw),
+        "legacy image",
+    );
+    sh_ok(&format!(
+        "printf 'x' | dd of={} bs=1 seek={} conv=notrunc status=none",
+        q(&stored_image(&daemon, &legacy)),
+        30 * MIB
+    ));
+    assert_reimage_fails(&daemon, &legacy, "corrupt");
+}
+
 /// A compressed cluster whose descriptor claims too few sectors (its stream is cut short, so
 /// qemu cannot read it either) is refused at upload or fails the re-image with a reason;
 /// it never succeeds with zeros or part of a cluster.

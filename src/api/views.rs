@@ -330,6 +330,7 @@ mod tests {
             checksum: Some("abc".to_string()),
             os_hash_value: Some("def".to_string()),
             verify_hash: None,
+            block_hash: None,
             visibility: "private".to_string(),
             owner_uid: 0,
             created_at: "2026-12-04T17:33:12.000000".to_string(),
