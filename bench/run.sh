@@ -507,7 +507,7 @@ status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 reimage_volumed() {
     local image=$1 image_id=$2 round=$3
     local vol="$VD/mnt/reimage" samples="$WORK/rss.$image.$round" view
-    local started seconds out
+    local seconds out
 
     log "re-image ($image, round $round): filling the volume with old data"
     step fill_old "$vol" "$VOLUME_SIZE"
@@ -519,10 +519,10 @@ reimage_volumed() {
     start_sampler "$samples"
 
     log "re-image ($image, round $round): volumed"
-    started=$(now)
     out=$(python3 "$BENCH_SRC/report.py" reimage "$VD/volumed.sock" reimage "$image_id") ||
         die "the re-image with $image could not be followed"
-    seconds=$(since "$started")
+    seconds=${out%%$'\n'*}
+    out=${out#*$'\n'}
     hwm=$(status_kib "$VOLUMED_PID" VmHWM)
     stop_sampler
 

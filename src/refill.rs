@@ -1086,6 +1086,49 @@ mod tests {
         refill_raw(&vol, &path, p).unwrap();
     }
 
+    /// Windows cover every byte of data, start on page boundaries, stay within the window
+    /// size, and skip the holes, also with a partial last block and with no data at all.
+    #[test]
+    fn data_windows_cover_the_data_page_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let file = File::create(&path).unwrap();
+        let len = (40 << 20) + 100;
+        file.set_len(len).unwrap();
+        let data = [(0u64, 4096usize), (3 << 20, 5 << 20), (len - 10, 10)];
+        for &(at, size) in &data {
+            file.write_all_at(&vec![7u8; size], at).unwrap();
+        }
+        let source = File::open(&path).unwrap();
+
+        let windows: Vec<(u64, usize)> = DataWindows::new(&source, len, 1 << 20)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for &(at, size) in &windows {
+            assert_eq!(at % PAGE, 0, "{windows:?}");
+            assert!(size <= 1 << 20, "{windows:?}");
+            assert!(
+                at + size as u64 == len || size as u64 % PAGE == 0,
+                "{windows:?}"
+            );
+        }
+        for &(at, size) in &data {
+            let covered = (at..at + size as u64).step_by(512).all(|byte| {
+                windows
+                    .iter()
+                    .any(|&(start, n)| (start..start + n as u64).contains(&byte))
+            });
+            assert!(covered, "data at {at} not covered: {windows:?}");
+        }
+        let read: u64 = windows.iter().map(|&(_, n)| n as u64).sum();
+        assert!(read < 8 << 20, "holes were read: {windows:?}");
+
+        let empty = dir.path().join("empty");
+        File::create(&empty).unwrap().set_len(1 << 20).unwrap();
+        let source = File::open(&empty).unwrap();
+        assert_eq!(DataWindows::new(&source, 1 << 20, 1 << 20).count(), 0);
+    }
+
     #[test]
     fn zero_detection() {
         assert!(is_zero(&[0u8; 4096]));
