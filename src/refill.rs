@@ -25,7 +25,7 @@ use memmap2::{Advice, Mmap, MmapOptions};
 
 use crate::qcow2::{Decompressor, Extent, Mapping, Qcow2Image};
 use crate::sigbus;
-use crate::verify::{Expected, Verifier, BLOCK};
+use crate::verify::{is_zero, Expected, Verifier, BLOCK};
 use crate::volume::{zero_range, VolumeFile};
 
 /// What a finished refill did.
@@ -949,21 +949,6 @@ impl<'a> Target<'a> {
             .sync_data()
             .map_err(|e| format!("cannot make the volume durable: {e}"))
     }
-}
-
-/// Whether every byte of `block` is zero.
-///
-/// Words are or-ed 256 bytes at a time, which the compiler vectorizes, and the scan stops at
-/// the first piece that is not zero: a block of data costs a few words, not the whole block.
-pub fn is_zero(block: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u128, and align_to only reinterprets the aligned
-    // middle of the slice.
-    let (head, middle, tail) = unsafe { block.align_to::<u128>() };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && middle
-            .chunks(16)
-            .all(|words| words.iter().fold(0u128, |acc, &word| acc | word) == 0)
 }
 
 #[cfg(test)]

@@ -293,7 +293,7 @@ impl SparseWriter {
         let mut run_start = 0;
         for (i, block) in blocks.chunks(SPARSE_BLOCK).enumerate() {
             let at = i * SPARSE_BLOCK;
-            if crate::refill::is_zero(block) {
+            if crate::verify::is_zero(block) {
                 let run = &blocks[run_start..at];
                 self.file
                     .write_all_at(run, self.offset + run_start as u64)?;
