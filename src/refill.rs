@@ -364,7 +364,7 @@ pub fn refill_qcow2(
         return Err(shrank());
     }
     let (target, stats) = match (verified, written) {
-        (Err(mismatch), _) if !walk_failed.load(Ordering::Acquire) => return Err(mismatch),
+        (Err(mismatch), _) if mismatch != HASH_ABANDONED => return Err(mismatch),
         (_, written) => written?,
     };
     target.sync()?;
@@ -373,6 +373,9 @@ pub fn refill_qcow2(
         ..stats
     })
 }
+
+/// What [`verify_mapped`] answers when the walk failed first.
+const HASH_ABANDONED: &str = "the hash was abandoned";
 
 fn shrank() -> String {
     "the image became unreadable: it shrank during the refill".to_string()
@@ -397,7 +400,7 @@ fn verify_mapped(
     while let Some(next) = windows.next() {
         check_cancel(params.cancel)?;
         if abandon.load(Ordering::Acquire) {
-            return Err("the hash was abandoned".to_string());
+            return Err(HASH_ABANDONED.to_string());
         }
         let (data, window_len) = next?;
         verifier.hole(data - offset);
