@@ -389,10 +389,10 @@ fn verify_mapped(
     params: &RefillParams<'_>,
     abandon: &AtomicBool,
 ) -> Result<(), String> {
-    let mut verifier = Verifier::new(params.expected_hash);
     if params.expected_hash == Expected::None {
         return Ok(());
     }
+    let mut verifier = Verifier::new(params.expected_hash);
 
     let len = map.len() as u64;
     let mut offset = 0u64;
@@ -598,13 +598,13 @@ impl Inflater {
             .map_err(|_| "the inflate workers stopped".to_string())
     }
 
-    /// The first in guest order of the inflated clusters that came back; with `wait`, waits
-    /// for one if none did. `None` when there is none (with `wait`: nothing is in flight).
-    fn next_inflated(&mut self, wait: bool) -> Result<Option<InflateJob>, String> {
+    /// The first in guest order of the inflated clusters that came back, waiting for one if
+    /// none did; `None` when nothing is in flight.
+    fn next_inflated(&mut self) -> Result<Option<InflateJob>, String> {
         while let Ok(job) = self.done.try_recv() {
             self.arrived.insert(job.seq, job);
         }
-        if self.arrived.is_empty() && wait && self.in_flight() {
+        if self.arrived.is_empty() && self.in_flight() {
             let job = self
                 .done
                 .recv()
@@ -681,7 +681,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
                 // Keep the workers' queue full: write only when every buffer is taken, so
                 // they inflate while this thread waits on the disk.
                 while !self.inflater.has_room() {
-                    match self.inflater.next_inflated(true)? {
+                    match self.inflater.next_inflated()? {
                         Some(job) => self.write_cluster(job)?,
                         // Every free buffer waits in the batch.
                         None => self.write_batch()?,
@@ -714,7 +714,7 @@ impl<'a, 'i> Qcow2Writer<'a, 'i> {
     /// Writes every inflated cluster in flight and the batch: before a run that is not
     /// compressed, and at the end.
     fn write_inflated(&mut self) -> Result<(), String> {
-        while let Some(job) = self.inflater.next_inflated(true)? {
+        while let Some(job) = self.inflater.next_inflated()? {
             self.write_cluster(job)?;
         }
         self.write_batch()
